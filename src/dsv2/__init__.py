@@ -1,0 +1,7 @@
+"""dsv2: DeepSeek-V2 (Multi-head Latent Attention + DeepSeekMoE) in PyTorch."""
+
+from dsv2.config import ConfigError, ModelConfig
+from dsv2.model import DeepseekV2
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "ConfigError", "DeepseekV2", "__version__"]
