@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import RMSNorm
+from dsv2.model.layers import Linear, RMSNorm, bmm, compute_weight
 from dsv2.model.rope import apply_rope
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: the checkpoints use the default eps, not rms_norm_eps
@@ -66,15 +66,15 @@ class MLA(nn.Module):
         h, d, dq = self.n_heads, cfg.hidden_size, self.d_nope + self.d_rope
         kw = dict(device=device, dtype=dtype)
         if self.q_rank is None:
-            self.q_proj = nn.Linear(d, h * dq, bias=False, **kw)
+            self.q_proj = Linear(d, h * dq, bias=False, **kw)
         else:
-            self.q_a_proj = nn.Linear(d, self.q_rank, bias=cfg.attention_bias, **kw)
+            self.q_a_proj = Linear(d, self.q_rank, bias=cfg.attention_bias, **kw)
             self.q_a_layernorm = RMSNorm(self.q_rank, LATENT_NORM_EPS, **kw)
-            self.q_b_proj = nn.Linear(self.q_rank, h * dq, bias=False, **kw)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_rank + self.d_rope, bias=cfg.attention_bias, **kw)
+            self.q_b_proj = Linear(self.q_rank, h * dq, bias=False, **kw)
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_rank + self.d_rope, bias=cfg.attention_bias, **kw)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS, **kw)
-        self.kv_b_proj = nn.Linear(self.kv_rank, h * (self.d_nope + self.d_v), bias=False, **kw)
-        self.o_proj = nn.Linear(h * self.d_v, d, bias=cfg.attention_bias, **kw)
+        self.kv_b_proj = Linear(self.kv_rank, h * (self.d_nope + self.d_v), bias=False, **kw)
+        self.o_proj = Linear(h * self.d_v, d, bias=cfg.attention_bias, **kw)
         self._absorbed: tuple | None = None  # contiguous W_UK / W_UV, rebuilt when kv_b_proj changes
 
     # ---- projections -------------------------------------------------------------------------
@@ -105,11 +105,12 @@ class MLA(nn.Module):
     def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous (H,Dn,C) W_UK and (H,C,Dv) W_UVᵀ; cached while kv_b_proj is unchanged."""
         w = self.kv_b_proj.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
         if torch.is_grad_enabled() and w.requires_grad:
             return self.w_uk, self.w_uv.transpose(1, 2)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._absorbed is None or self._absorbed[0] != key:
-            self._absorbed = (key, self.w_uk.contiguous(), self.w_uv.transpose(1, 2).contiguous())
+            wc = compute_weight(w).unflatten(0, (self.n_heads, -1))  # fp32 where bf16 GEMM is not native
+            self._absorbed = (key, wc[:, : self.d_nope].contiguous(), wc[:, self.d_nope :].transpose(1, 2).contiguous())
         return self._absorbed[1], self._absorbed[2]
 
     # ---- attention ---------------------------------------------------------------------------
@@ -134,19 +135,19 @@ class MLA(nn.Module):
         s = c_kv.shape[1]
         w_uk, w_uv_t = self._absorb_weights()
         # q_lat = W_UKᵀ q_nope per head: (H, B*T, Dn) @ (H, Dn, C)
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(h, b * t, self.d_nope), w_uk)  # (H,B*T,C)
+        q_lat = bmm(q_nope.permute(2, 0, 1, 3).reshape(h, b * t, self.d_nope), w_uk)  # (H,B*T,C)
         q_lat = q_lat.view(h, b, t, self.kv_rank).permute(1, 0, 2, 3)  # (B,H,T,C)
         q_full = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1).reshape(b, h * t, -1)  # (B,H*T,C+R)
         keys = _joined(c_kv, k_pe)  # (B,S,C+R), zero-copy when the cache stores whole rows
-        scores = torch.bmm(q_full, keys.transpose(1, 2)).view(b, h, t, s).float() * self.scale  # (B,H,T,S)
+        scores = bmm(q_full, keys.transpose(1, 2)).view(b, h, t, s).float() * self.scale  # (B,H,T,S)
         if mask is None and t > 1:
             mask = causal_mask(t, s, q_nope.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         p = scores.softmax(dim=-1).to(c_kv.dtype).view(b, h * t, s)
-        o_lat = torch.bmm(p, c_kv).view(b, h, t, self.kv_rank)  # (B,H,T,C)
+        o_lat = bmm(p, c_kv).view(b, h, t, self.kv_rank)  # (B,H,T,C)
         # W_UV per head: (H, B*T, C) @ (H, C, Dv)
-        o = torch.bmm(o_lat.transpose(0, 1).reshape(h, b * t, self.kv_rank), w_uv_t)  # (H,B*T,Dv)
+        o = bmm(o_lat.transpose(0, 1).reshape(h, b * t, self.kv_rank), w_uv_t)  # (H,B*T,Dv)
         return o.view(h, b, t, self.d_v).permute(1, 2, 0, 3).reshape(b, t, h * self.d_v)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
@@ -174,10 +175,10 @@ class GQA(nn.Module):
         self.n_heads, self.n_kv, self.d_h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
         self.scale = cfg.softmax_scale()
         d, kw = cfg.hidden_size, dict(bias=cfg.attention_bias, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(d, self.n_heads * self.d_h, **kw)
-        self.k_proj = nn.Linear(d, self.n_kv * self.d_h, **kw)
-        self.v_proj = nn.Linear(d, self.n_kv * self.d_h, **kw)
-        self.o_proj = nn.Linear(self.n_heads * self.d_h, d, **kw)
+        self.q_proj = Linear(d, self.n_heads * self.d_h, **kw)
+        self.k_proj = Linear(d, self.n_kv * self.d_h, **kw)
+        self.v_proj = Linear(d, self.n_kv * self.d_h, **kw)
+        self.o_proj = Linear(self.n_heads * self.d_h, d, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer_idx: int = 0, attn_impl: str = "expanded") -> torch.Tensor:

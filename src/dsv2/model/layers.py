@@ -9,6 +9,77 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether matmuls in `dtype` run natively fast on `device`.
+
+    On CPUs without AVX512-BF16/AMX, PyTorch's bf16/fp16 GEMM falls back to a path 30-50x slower
+    than fp32, so dsv2 computes those matmuls in fp32 there (storage stays in the low precision).
+    """
+    if dtype not in _LOW or device.type != "cpu":
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def compute_weight(weight: torch.Tensor, owner: object | None = None, slot: str = "_fp32") -> torch.Tensor:
+    """The weight in the dtype its matmul should run in; an fp32 copy is cached on `owner` for inference."""
+    if native_low_precision(weight.device, weight.dtype):
+        return weight
+    if owner is None or (torch.is_grad_enabled() and weight.requires_grad):
+        return weight.float()  # training: upcast on the fly so gradients reach the stored weight
+    key = (weight.data_ptr(), weight._version, weight.shape)
+    cached = getattr(owner, slot, None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().float())
+        setattr(owner, slot, cached)
+    return cached[1]
+
+
+def upcast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a matmul on x would run in (autocast's if active), or None when that is native here."""
+    dt = torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x.dtype
+    return None if native_low_precision(x.device, dt) else dt
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.bmm under the same CPU low-precision policy as `linear`."""
+    out = upcast_dtype(a)
+    if out is None:
+        return torch.bmm(a, b)
+    with torch.autocast("cpu", enabled=False):
+        return torch.bmm(a.float(), b.float()).to(out)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           owner: object | None = None, slot: str = "_fp32") -> torch.Tensor:
+    """F.linear that runs low-precision matmuls in fp32 where the CPU has no native support for them.
+
+    Under CPU autocast the result has autocast's dtype, as F.linear's would.
+    """
+    w = compute_weight(weight, owner, slot)
+    out_dtype = x.dtype
+    autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if autocast:
+        out_dtype = torch.get_autocast_dtype("cpu")
+        if native_low_precision(x.device, out_dtype):
+            return F.linear(x, weight, bias)
+    if w is weight and not autocast:
+        return F.linear(x, weight, bias)
+    with torch.autocast("cpu", enabled=False):
+        y = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+    return y.to(out_dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the CPU low-precision policy of `linear` (same parameters, same state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, owner=self)
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) · w, normalised in fp32 and cast back before the weight (as the checkpoints expect)."""
@@ -32,9 +103,9 @@ class MLP(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(dim, hidden, **kw)
-        self.up_proj = nn.Linear(dim, hidden, **kw)
-        self.down_proj = nn.Linear(hidden, dim, **kw)
+        self.gate_proj = Linear(dim, hidden, **kw)
+        self.up_proj = Linear(dim, hidden, **kw)
+        self.down_proj = Linear(hidden, dim, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

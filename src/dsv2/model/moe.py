@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import MLP
+from dsv2.model.layers import MLP, compute_weight, upcast_dtype
 
 
 @dataclass
@@ -130,19 +130,32 @@ class Experts(nn.Module):
             order = order[keep.flatten()[order]]
         counts = torch.bincount(flat[order], minlength=self.gate_proj.shape[0]).tolist()
         token = order // k  # token of each sorted pick
+        out_dtype = upcast_dtype(x)
+        if out_dtype is None:  # native precision: plain F.linear per expert (autocast applies as usual)
+            return self._dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj)
+        # no native low-precision GEMM on this CPU: run the experts in fp32, cast the result back
+        wg, wu, wd = (compute_weight(p, self, f"_fp32_{n}") for n, p in
+                      (("g", self.gate_proj), ("u", self.up_proj), ("d", self.down_proj)))
+        with torch.autocast("cpu", enabled=False):
+            y = self._dispatch(x.float(), token, order, counts, weight, wg.float(), wu.float(), wd.float())
+        return y.to(out_dtype)
+
+    @staticmethod
+    def _dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
+                  weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
         xs = x[token]  # (P,D) picks grouped by expert
         outs = []
         start = 0
         for e, c in enumerate(counts):
             if c:
                 xe = xs[start : start + c]
-                outs.append(F.linear(F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e]),
-                                     self.down_proj[e]))
+                outs.append(F.linear(F.silu(F.linear(xe, wg[e])) * F.linear(xe, wu[e]), wd[e]))
             start += c
         if not outs:
             return torch.zeros_like(x)
-        ys = torch.cat(outs) * weight.flatten()[order, None].to(x.dtype)  # (P,D)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        ys = torch.cat(outs)
+        ys = ys * weight.flatten()[order, None].to(ys.dtype)  # (P,D)
+        return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys)
 
     def forward_reference(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Readable per-token loop, for tests."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.attention import KVCache, build_attention
-from dsv2.model.layers import MLP, RMSNorm
+from dsv2.model.layers import MLP, Linear, RMSNorm
 from dsv2.model.moe import MoE, comm_balance_loss, device_balance_loss, expert_balance_loss
 from dsv2.model.rope import Rotary
 
@@ -50,7 +50,7 @@ class DeepseekV2(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, d, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps, device, dtype)
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = Linear(d, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = Rotary(config)

@@ -49,6 +49,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _publishable(folder: Path) -> None:
+    # temp files/folders are created 0600/0700; a finished checkpoint should read like any output
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -65,6 +74,7 @@ def save_checkpoint(out: Path, step: int, write_files: Callable[[Path], None], k
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write_files(tmp)
+    _publishable(tmp)
     _fsync_tree(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
         old = out / f".old-{final.name}-{os.getpid()}"

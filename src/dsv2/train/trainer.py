@@ -378,7 +378,7 @@ def _train_step(model, opt, rows: torch.Tensor, a: TrainArgs, dev: torch.device,
         (loss / a.grad_accum).backward()
         vals = {"loss": ce.item()}
         if is_moe:
-            vals.update({k: float(aux[k]) for k in ("aux_loss", "expert_loss", "device_loss", "comm_loss",
+            vals.update({k: float(aux[k].detach()) for k in ("aux_loss", "expert_loss", "device_loss", "comm_loss",
                                                     "dropped_frac")})
             loads.append(aux["expert_load"].detach().cpu())
         for k, v in vals.items():

@@ -1,0 +1,145 @@
+"""Decode-time attention over the paged cache, and the cache-protocol views the model's modules use.
+
+Shapes: B sequences, T new tokens, S cached tokens of one sequence, n rows of one chunk, H heads,
+Hkv baseline K/V heads, G = H / Hkv, Dh baseline head dim, C kv_lora_rank, R rope dim, W row width.
+
+Decode reads a sequence's rows chunk by chunk (each chunk a zero-copy slice of the pool when the
+storage is plain) and merges the chunks with an online softmax (flash-decoding). On a CPU with bf16
+rows the chunks are upcast to fp32 one at a time while they sit in cache, because bf16 GEMMs without
+AVX512-BF16 are several times slower than converting and running fp32 GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv2.engine.cache import PagedCache, SeqSlots
+
+
+def rows_from_new(new: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Model cache entries -> rows (N, W). MLA: (c_kv (B,T,C), k_pe (B,T,R)); baselines: (k, v) (B,T,Hkv,Dh)."""
+    a, b = new
+    return torch.cat((a.flatten(2), b.flatten(2)), dim=-1).flatten(0, 1)  # (B*T, W)
+
+
+def new_from_rows(rows: torch.Tensor, cache: PagedCache, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """rows (B, S, W) -> the model's cache tuple, as views of `rows` (so MLA can attend to one row)."""
+    if cache.split is not None:
+        return rows[..., : cache.split], rows[..., cache.split:]
+    half = cache.width // 2
+    hkv, dh = shape[-2], shape[-1]
+    return rows[..., :half].unflatten(-1, (hkv, dh)), rows[..., half:].unflatten(-1, (hkv, dh))
+
+
+class SequenceView:
+    """Cache protocol for one sequence (prefill): append T rows at `start`, return all start+T rows."""
+
+    def __init__(self, cache: PagedCache, seq: SeqSlots, start: int) -> None:
+        self.cache, self.seq, self.start = cache, seq, start
+
+    def __len__(self) -> int:
+        return self.start
+
+    def update(self, layer_idx: int, new: tuple[torch.Tensor, ...]
+               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        rows = rows_from_new(new)  # (T, W)
+        t = rows.shape[0]
+        self.cache.write(layer_idx, self.cache.slots(self.seq, self.start, t), rows)
+        if self.cache.format.plain:
+            every = self.cache.read(layer_idx, self.seq, self.start + t)  # zero-copy when contiguous
+        else:  # the new rows at full precision, the cached ones as stored
+            old = self.cache.read(layer_idx, self.seq, self.start)
+            every = torch.cat((old, rows.to(old.dtype)), dim=0)
+        return new_from_rows(every[None], self.cache, new[0].shape), None  # causal, queries last
+
+
+class BatchView:
+    """Cache protocol for a decode batch of sequences of different lengths, in the model's own modules.
+
+    Gathers every sequence's rows into a padded (B, S_max, W) tensor plus a (B,1,T,S_max) mask: a copy
+    per step, so the engine's fast path (`latent_decode`) avoids it; this view is the reference.
+    """
+
+    def __init__(self, cache: PagedCache, seqs: list[SeqSlots], starts: list[int]) -> None:
+        self.cache, self.seqs, self.starts = cache, seqs, starts
+
+    def update(self, layer_idx: int, new: tuple[torch.Tensor, ...]
+               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        b, t = new[0].shape[:2]
+        rows = rows_from_new(new).view(b, t, -1)  # (B,T,W)
+        if b == 1:  # one sequence: its rows as they are (zero-copy when contiguous), plain causal
+            seq, start = self.seqs[0], self.starts[0]
+            self.cache.write(layer_idx, self.cache.slots(seq, start, t), rows[0])
+            every = self.cache.read(layer_idx, seq, start + t)[None]  # (1,S,W)
+            return new_from_rows(every, self.cache, new[0].shape), None
+        lens = [s + t for s in self.starts]
+        s_max = max(lens)
+        out = rows.new_zeros(b, s_max, rows.shape[-1])
+        mask = torch.zeros(b, 1, t, s_max, dtype=torch.bool, device=rows.device)
+        for i, (seq, start) in enumerate(zip(self.seqs, self.starts)):
+            self.cache.write(layer_idx, self.cache.slots(seq, start, t), rows[i])
+            out[i, : lens[i]] = self.cache.read(layer_idx, seq, lens[i])
+            q_pos = torch.arange(start, start + t, device=rows.device)[:, None]
+            mask[i, 0] = torch.arange(s_max, device=rows.device)[None, :] <= q_pos
+        return new_from_rows(out, self.cache, new[0].shape), mask
+
+
+def latent_decode(q: torch.Tensor, chunks: list[torch.Tensor], c: int, scale: float,
+                  upcast: bool) -> torch.Tensor:
+    """Absorbed MLA attention of one sequence: q (H, C+R) against rows (n, C+R) -> latent output (H, C).
+
+    scores = q · row (the latent *is* the key, shared by every head), values = the first C columns.
+    """
+    if len(chunks) == 1:
+        k = chunks[0].float() if upcast else chunks[0]
+        p = (q.to(k.dtype) @ k.T).float().mul_(scale).softmax(dim=-1)  # (H,S)
+        return p.to(k.dtype) @ k[:, :c]  # (H,C)
+    m = l_sum = acc = None
+    for k in chunks:
+        k = k.float() if upcast else k
+        s = (q.to(k.dtype) @ k.T).float().mul_(scale)  # (H,n)
+        m_new = s.amax(dim=-1, keepdim=True) if m is None else torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        p = (s - m_new).exp_()
+        o = (p.to(k.dtype) @ k[:, :c]).float()  # (H,C)
+        if m is None:
+            l_sum, acc = p.sum(dim=-1, keepdim=True), o
+        else:
+            alpha = (m - m_new).exp_()
+            l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
+            acc = acc * alpha + o
+        m = m_new
+    return acc / l_sum
+
+
+def grouped_decode(q: torch.Tensor, chunks: list[torch.Tensor], n_kv: int, scale: float,
+                   upcast: bool) -> torch.Tensor:
+    """Baseline attention of one sequence: q (H, Dh) against rows (n, 2·Hkv·Dh) = [k ; v] -> (H, Dh)."""
+    h, dh = q.shape
+    qg = q.view(n_kv, h // n_kv, dh)  # (Hkv,G,Dh)
+    half = n_kv * dh
+    m = l_sum = acc = None
+    for rows in chunks:
+        rows = rows.float() if upcast else rows
+        k = rows[:, :half].unflatten(-1, (n_kv, dh)).permute(1, 2, 0)  # (Hkv,Dh,n)
+        v = rows[:, half:].unflatten(-1, (n_kv, dh)).transpose(0, 1)  # (Hkv,n,Dh)
+        s = torch.bmm(qg.to(k.dtype), k).float().mul_(scale)  # (Hkv,G,n)
+        m_new = s.amax(dim=-1, keepdim=True) if m is None else torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        p = (s - m_new).exp_()
+        o = torch.bmm(p.to(v.dtype), v).float()  # (Hkv,G,Dh)
+        if m is None:
+            l_sum, acc = p.sum(dim=-1, keepdim=True), o
+        else:
+            alpha = (m - m_new).exp_()
+            l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
+            acc = acc * alpha + o
+        m = m_new
+    return (acc / l_sum).view(h, dh)
+
+
+def decode_chunks(cache: PagedCache, layer: int, seq: SeqSlots, length: int, chunk: int) -> list[torch.Tensor]:
+    """The rows of tokens [0, length) of `seq` in chunks of at most `chunk` rows."""
+    out = []
+    for start, n in cache.runs(seq, length):
+        for off in range(0, n, chunk):
+            out.append(cache.read_run(layer, start + off, min(chunk, n - off)))
+    return out

@@ -1,0 +1,190 @@
+"""The user-facing engine: continuous-batching generation over a paged (optionally quantised) cache.
+
+    engine = Engine(model, kv_cache_dtype="bf16", kv_memory="4GiB")
+    outs = engine.generate([[1, 5, 9], [1, 7]], SamplingParams(max_new_tokens=32))  # new tokens only
+    for ev in engine.stream(prompts, params): print(ev.index, ev.token)
+
+One `step()`: admit waiting requests that fit (prefill each, sample its first token), then decode
+every running request by one token in a single batched forward, then retire the finished ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dsv2.engine.cache import PagedCache
+from dsv2.engine.runner import ModelRunner
+from dsv2.engine.sampling import SamplingParams, is_finished, sample_batch, sample_token
+from dsv2.engine.scheduler import Request, Scheduler
+from dsv2.model import DeepseekV2
+
+
+class GenerationError(RuntimeError):
+    """Some requests of a `generate` call failed; `outputs` holds every request's tokens anyway."""
+
+    def __init__(self, msg: str, outputs: list[list[int]], errors: dict[int, str]) -> None:
+        super().__init__(msg)
+        self.outputs, self.errors = outputs, errors
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of request `index` (its position in the prompts list, or its request id)."""
+
+    index: int
+    token: int
+    finished: bool
+    finish_reason: str | None = None  # stop | length | error
+    error: str | None = None  # what went wrong when finish_reason is "error" (token is then -1)
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    max_running: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+class Engine:
+    """Generation with a paged latent cache (MLA) or per-head K/V cache (MHA/GQA/MQA baselines)."""
+
+    def __init__(self, model: DeepseekV2, kv_cache_dtype: str = "auto", kv_memory: str | int | None = None,
+                 max_tokens: int | None = None, block_size: int = 64, max_batch: int = 64,
+                 prefill_chunk: int = 512, decode_chunk: int | None = None, rope_bf16: bool = False,
+                 kv_group: int | None = None, decode_impl: str = "fast", compile: bool = False) -> None:
+        cfg = model.config
+        w = model.lm_head.weight
+        self.model, self.cfg, self.device = model.eval(), cfg, w.device
+        if kv_memory is None and max_tokens is None:
+            # default: room for max_batch full-context sequences, capped at 1 GiB
+            per_tok = PagedCache.bytes_per_token_for(cfg, kv_cache_dtype, w.dtype, rope_bf16, kv_group)
+            max_tokens = max(block_size, min(max_batch * cfg.max_position_embeddings, (1 << 30) // per_tok))
+        self.cache = PagedCache.from_budget(cfg, kv_memory=kv_memory, max_tokens=max_tokens,
+                                            block_size=block_size, kv_cache_dtype=kv_cache_dtype,
+                                            dtype=w.dtype, device=w.device, rope_bf16=rope_bf16, group=kv_group)
+        self.runner = ModelRunner(model, self.cache, prefill_chunk, decode_chunk, decode_impl)
+        self.scheduler = Scheduler(cfg, self.cache, max_batch, w.device)
+        self.stats = EngineStats()
+        if compile:
+            # the dense MLPs / MoE and norms see fixed shapes per batch size; attention stays eager
+            for layer in model.layers:
+                layer.mlp.compile(dynamic=True)
+
+    # ---- request API -------------------------------------------------------------------------
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Request:
+        """Queue one request (checked now: a request that can never run raises here, nothing queued)."""
+        return self.scheduler.add(list(prompt), params or SamplingParams())
+
+    def step(self) -> list[tuple[Request, int]]:
+        """Admit, prefill, decode and retire once. Returns (request, new token) pairs of this step."""
+        sch, events = self.scheduler, []
+        self.stats.steps += 1
+        for req in sch.admit():
+            t0 = time.perf_counter()
+            try:
+                logits = self.runner.prefill(req.slots, req.prompt)
+                tok = sample_token(logits, req.params, req.generator)
+            except Exception as e:  # one bad request must not take the others (or the cache) down
+                sch.retire(req, "error", f"{type(e).__name__}: {e}")
+                continue
+            self.stats.prefill_s += time.perf_counter() - t0
+            self.stats.prefill_tokens += len(req.prompt)
+            events.append(self._emit(req, tok))
+        batch = list(sch.running)  # includes the requests prefilled just now
+        self.stats.max_running = max(self.stats.max_running, len(sch.running))
+        if batch:
+            t0 = time.perf_counter()
+            logits = self.runner.decode([r.slots for r in batch], [r.output[-1] for r in batch])
+            toks = self._sample(batch, logits)
+            self.stats.decode_s += time.perf_counter() - t0
+            self.stats.decode_tokens += len(batch)
+            events.extend(self._emit(r, t) for r, t in zip(batch, toks) if t is not None)
+        return events
+
+    def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int | None]:
+        try:
+            return sample_batch(logits, [r.params for r in batch], [r.generator for r in batch])
+        except Exception:  # e.g. NaN logits in one row: fail that request only
+            toks: list[int | None] = []
+            for r, row in zip(batch, logits):
+                try:
+                    toks.append(sample_token(row, r.params, r.generator))
+                except Exception as e:
+                    self.scheduler.retire(r, "error", f"{type(e).__name__}: {e}")
+                    toks.append(None)
+            return toks
+
+    def _emit(self, req: Request, tok: int) -> tuple[Request, int]:
+        req.output.append(tok)
+        reason = is_finished(req.output, req.params)
+        if reason is not None:
+            self.scheduler.retire(req, reason)
+        return req, tok
+
+    # ---- batch API ---------------------------------------------------------------------------
+    def stream(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[TokenEvent]:
+        """Yield TokenEvents as tokens are produced; `index` is the prompt's position in `prompts`."""
+        plist = self._params_list(prompts, params)
+        for p, sp in zip(prompts, plist):  # check everything before queueing anything
+            self.scheduler.check([int(t) for t in p], sp)
+        index = {self.add_request(p, sp).rid: i for i, (p, sp) in enumerate(zip(prompts, plist))}
+        pending = set(index)
+        while pending:
+            if self.scheduler.idle:
+                raise RuntimeError("engine went idle with requests pending (internal error)")
+            for req, tok in self.step():
+                if req.rid in index:
+                    done = req.status != "running"
+                    if done:
+                        pending.discard(req.rid)
+                    yield TokenEvent(index[req.rid], tok, done, req.finish_reason if done else None)
+            for rid in list(pending):  # a request that failed (its blocks are already freed)
+                req = self.scheduler.failed.pop(rid, None)
+                if req is not None:
+                    pending.discard(rid)
+                    yield TokenEvent(index[rid], -1, True, "error", req.error)
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[list[int]]:
+        """New tokens of every prompt (in order), generated with continuous batching."""
+        out: list[list[int]] = [[] for _ in prompts]
+        errors: dict[int, str] = {}
+        for ev in self.stream(prompts, params):
+            if ev.finish_reason == "error":
+                errors[ev.index] = ev.error or "error"
+            else:
+                out[ev.index].append(ev.token)
+        if errors:
+            raise GenerationError(f"requests {sorted(errors)} failed (the others finished)", out, errors)
+        return out
+
+    @staticmethod
+    def _params_list(prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None
+                     ) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * len(prompts)
+        if isinstance(params, SamplingParams):
+            return [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
+        return list(params)
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def cache_report(self) -> dict[str, float | int | str]:
+        c = self.cache
+        return {"kv_cache_dtype": c.format.name, "bytes_per_token": c.bytes_per_token,
+                "bits_per_element": round(c.format.bits_per_element(), 3),
+                "capacity_tokens": c.capacity_tokens, "cache_bytes": c.nbytes(),
+                "free_blocks": c.allocator.num_free, "num_blocks": c.num_blocks}

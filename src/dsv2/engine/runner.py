@@ -1,0 +1,132 @@
+"""Runs the model over the paged cache: chunked expanded prefill and batched absorbed decode.
+
+Shapes: B sequences in a decode step, T prompt tokens of a chunk, D hidden, V vocab, H heads,
+C kv_lora_rank, R rope dim, Dn/Dv nope/value head dims, Hkv/Dh baseline K/V heads and head dim.
+
+Prefill runs the model's own modules (expanded MLA: decompress, SDPA) through a `SequenceView`, one
+chunk of the prompt at a time, so peak memory is bounded by the chunk, not the prompt. Decode runs
+the model's norms, projections and MLP/MoE batched over all sequences, and attention per sequence
+over its rows in place (`latent_decode`), so no per-head K/V and no padded copy of the cache is made.
+`decode_impl="absorbed"` / `"expanded"` instead hand a padded `BatchView` to the model's own attention
+modules (`attend_absorbed` / `attend_expanded`): the references the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv2.engine.attention import BatchView, SequenceView, decode_chunks, grouped_decode, latent_decode
+from dsv2.engine.cache import PagedCache, SeqSlots
+from dsv2.model import MLA, DeepseekV2
+
+
+DECODE_IMPLS = ("fast", "absorbed", "expanded")
+
+
+class ModelRunner:
+    """Owns no state of its own beyond derived weights; sequences live in the `PagedCache`."""
+
+    def __init__(self, model: DeepseekV2, cache: PagedCache, prefill_chunk: int = 512,
+                 decode_chunk: int | None = None, decode_impl: str = "fast") -> None:
+        if decode_impl not in DECODE_IMPLS:
+            raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model, self.cache, self.cfg = model, cache, model.config
+        self.prefill_chunk, self.decode_impl = prefill_chunk, decode_impl
+        w = model.lm_head.weight
+        self.device, self.dtype = w.device, w.dtype
+        # CPU without native bf16 GEMMs: do the attention math in fp32 over upcast chunks
+        self.upcast = self.device.type == "cpu" and self.dtype != torch.float32
+        self.decode_chunk = decode_chunk or (2048 if self.upcast else 1 << 30)
+        self.mla = self.cfg.attention_type == "mla"
+        self._absorbed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.mla:
+            wdt = torch.float32 if self.upcast else self.dtype
+            for layer in model.layers:
+                a: MLA = layer.self_attn
+                self._absorbed.append((a.w_uk.to(wdt).contiguous(),  # (H,Dn,C)
+                                       a.w_uv.transpose(1, 2).to(wdt).contiguous()))  # (H,C,Dv)
+
+    # ---- prefill -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seq: SeqSlots, tokens: list[int]) -> torch.Tensor:
+        """Write tokens[seq.length:] into the cache in chunks; logits (V,) of the last token."""
+        hidden = None
+        while seq.length < len(tokens):
+            start = seq.length
+            piece = tokens[start: start + self.prefill_chunk]
+            ids = torch.tensor([piece], dtype=torch.long, device=self.device)  # (1,T)
+            pos = torch.arange(start, start + len(piece), device=self.device)  # (T,)
+            view = SequenceView(self.cache, seq, start)
+            hidden = self.model.forward_hidden(ids, pos, cache=view, attn_impl="expanded")  # (1,T,D)
+            seq.length = start + len(piece)
+        assert hidden is not None, "prefill needs at least one new token"
+        return self.model.lm_head(hidden[0, -1])  # (V,)
+
+    # ---- decode ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, seqs: list[SeqSlots], tokens: list[int]) -> torch.Tensor:
+        """One new token per sequence at position seq.length; logits (B, V). Advances the lengths."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B,1)
+        starts = [s.length for s in seqs]
+        pos = torch.tensor(starts, dtype=torch.long, device=self.device)[:, None]  # (B,1)
+        if self.decode_impl != "fast":
+            impl = self.decode_impl if self.mla else "expanded"
+            hidden = self.model.forward_hidden(ids, pos, cache=BatchView(self.cache, seqs, starts),
+                                               attn_impl=impl)
+        else:
+            hidden = self._decode_hidden(ids, pos, seqs, starts)
+        for s in seqs:
+            s.length += 1
+        return self.model.lm_head(hidden[:, -1])  # (B,V)
+
+    def _decode_hidden(self, ids: torch.Tensor, pos: torch.Tensor, seqs: list[SeqSlots],
+                       starts: list[int]) -> torch.Tensor:
+        m, cache = self.model, self.cache
+        self.model.check_input(ids, pos)
+        cos, sin = m.rope(pos)  # (B,1,R/2)
+        slots = torch.cat([cache.slots(s, st, 1) for s, st in zip(seqs, starts)])  # (B,)
+        x = m.embed_tokens(ids)  # (B,1,D)
+        for i, layer in enumerate(m.layers):
+            h = layer.input_layernorm(x)
+            attn = layer.self_attn
+            o = self._mla(i, attn, h, cos, sin, seqs, slots) if self.mla else \
+                self._gqa(i, attn, h, cos, sin, seqs, slots)
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return m.norm(x)
+
+    def _mla(self, i: int, attn: MLA, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             seqs: list[SeqSlots], slots: torch.Tensor) -> torch.Tensor:
+        b = h.shape[0]
+        q_nope, q_pe = attn.project_q(h, cos, sin)  # (B,1,H,Dn), (B,1,H,R)
+        c_kv, k_pe = attn.project_kv(h, cos, sin)  # (B,1,C), (B,1,R)
+        self.cache.write(i, slots, torch.cat((c_kv, k_pe), dim=-1)[:, 0])  # (B,C+R)
+        w_uk, w_uv_t = self._absorbed[i]
+        hh, c = w_uk.shape[0], w_uk.shape[2]
+        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1).to(w_uk.dtype), w_uk)  # (H,B,C)
+        q_full = torch.cat((q_lat, q_pe[:, 0].transpose(0, 1).to(w_uk.dtype)), dim=-1)  # (H,B,C+R)
+        o_lat = torch.empty(hh, b, c, dtype=w_uk.dtype, device=h.device)  # (H,B,C)
+        for j, s in enumerate(seqs):
+            chunks = decode_chunks(self.cache, i, s, s.length + 1, self.decode_chunk)
+            o_lat[:, j] = latent_decode(q_full[:, j], chunks, c, attn.scale, self.upcast)
+        o = torch.bmm(o_lat, w_uv_t)  # (H,B,Dv)
+        return o.transpose(0, 1).reshape(b, 1, -1).to(h.dtype)  # (B,1,H*Dv)
+
+    def _gqa(self, i: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             seqs: list[SeqSlots], slots: torch.Tensor) -> torch.Tensor:
+        from dsv2.model.rope import apply_rope
+
+        b = h.shape[0]
+        cs, sn = cos[..., None, :], sin[..., None, :]
+        q = apply_rope(attn.q_proj(h).unflatten(-1, (attn.n_heads, attn.d_h)), cs, sn)  # (B,1,H,Dh)
+        k = apply_rope(attn.k_proj(h).unflatten(-1, (attn.n_kv, attn.d_h)), cs, sn)  # (B,1,Hkv,Dh)
+        v = attn.v_proj(h).unflatten(-1, (attn.n_kv, attn.d_h))  # (B,1,Hkv,Dh)
+        self.cache.write(i, slots, torch.cat((k.flatten(2), v.flatten(2)), dim=-1)[:, 0])  # (B,W)
+        qd = torch.float32 if self.upcast else q.dtype
+        out = torch.empty(b, attn.n_heads, attn.d_h, dtype=qd, device=h.device)  # (B,H,Dh)
+        for j, s in enumerate(seqs):
+            chunks = decode_chunks(self.cache, i, s, s.length + 1, self.decode_chunk)
+            out[j] = grouped_decode(q[j, 0].to(qd), chunks, attn.n_kv, attn.scale, self.upcast)
+        return out.reshape(b, 1, -1).to(h.dtype)  # (B,1,H*Dh)
