@@ -132,7 +132,11 @@ def _replace_dir(new: Path, dest: Path) -> None:
                     (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
-        os.replace(new, dest)
+        try:
+            os.replace(new, dest)
+        except BaseException:
+            os.replace(old, dest)  # put the previous checkpoint back before reporting the failure
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, dest)
@@ -196,7 +200,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                 parts.append(f"{len(items)} {title} tensor(s): " + "; ".join(shown))
         raise CheckpointError(f"checkpoint {path} does not match its config.json: " + " | ".join(parts))
 
-    target = dtype or next(iter(tensors.values())).dtype
+    def cast(t: torch.Tensor) -> torch.Tensor:  # dtype=None keeps each tensor's stored dtype
+        return t if dtype is None else t.to(dtype)
+
     state: dict[str, torch.Tensor] = {}
     stacked: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for k, t in tensors.items():
@@ -204,10 +210,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
         if m:
             stacked.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
         else:
-            state[k.removeprefix("model.")] = t.to(target)
+            state[k.removeprefix("model.")] = cast(t)
     for (layer, proj), experts in stacked.items():
         state[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack(
-            [experts[e].to(target) for e in range(len(experts))])
+            [cast(experts[e]) for e in range(len(experts))])
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

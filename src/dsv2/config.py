@@ -21,6 +21,10 @@ TOPK_METHODS = ("greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
 
 
+# keys a written config.json carries that are derived from the fields, so reading drops them
+_DERIVED_KEYS = ("architectures", "head_dim", "torch_dtype", "dtype", "qk_head_dim", "transformers_version")
+
+
 class ConfigError(ValueError):
     """A config.json or preset that does not describe a valid DeepSeek-V2 model."""
 
@@ -213,6 +217,8 @@ class ModelConfig:
                 d.setdefault("rope_theta", rp.pop("rope_theta"))
             rtype = rp.get("rope_type", rp.get("type", "default"))
             d["rope_scaling"] = None if rtype == "default" else rp
+        for derived in _DERIVED_KEYS:  # written by to_dict / transformers from the other fields
+            d.pop(derived, None)
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
@@ -224,10 +230,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model_type": MODEL_TYPE, "architectures": ["DeepseekV2ForCausalLM"]}
         d.update(self.extra)
-        d.pop("eos_token_id_list", None)
         for f in fields(self):
             if f.name != "extra":
                 d[f.name] = getattr(self, f.name)
+        if "eos_token_id_list" in d:  # a config that listed several eos ids keeps them all
+            d["eos_token_id"] = d.pop("eos_token_id_list")
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         d["head_dim"] = self.qk_rope_head_dim  # what transformers expects under its own name
         d.pop("auto_map", None)  # dsv2 checkpoints need no remote code

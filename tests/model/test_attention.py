@@ -154,6 +154,23 @@ def test_mla_matches_float64_formulas(case: str, impl: str) -> None:
     assert attn.scale == pytest.approx(ref_scale(cfg.qk_head_dim, cfg.rope_scaling), rel=1e-12)
 
 
+@pytest.mark.parametrize("v_head_dim", [8, 32])  # narrower and wider than qk_nope + qk_rope = 24
+def test_value_width_other_than_query_width(v_head_dim: int) -> None:
+    cfg = case_config("qlora-glg-yarn-fk1").replace(v_head_dim=v_head_dim)
+    model = DeepseekV2(cfg).eval()
+    randomize_(model, seed=18, std=0.1)
+    attn: MLA = model.layers[0].self_attn
+    x = torch.randn(2, 40, cfg.hidden_size)
+    pos = torch.arange(40)
+    with torch.no_grad():
+        cos, sin = model.rope(pos)
+        e, a = attn(x, cos, sin, attn_impl="expanded"), attn(x, cos, sin, attn_impl="absorbed")
+        ids = _ids(cfg, t=20)
+        assert rel_err(model(ids, attn_impl="absorbed"), model(ids)) <= REL
+    want = ref_mla(attn, cfg, x, pos)
+    assert rel_err(e, want) <= 2e-5 and rel_err(a, want) <= 2e-5
+
+
 @pytest.mark.parametrize("case", list(ALL_CASES))
 def test_rope_tables_match_formulas(case: str) -> None:
     cfg = case_config(case)

@@ -136,6 +136,19 @@ def test_v2_presets_match_design_table(name: str) -> None:
     assert c.kv_elements_per_token_per_layer() == 576
 
 
+def test_kv_elements_table_1_and_9() -> None:
+    """Table 9: small MoE (V2-Lite dims) 110.6K (MHA) vs 15.6K (MLA) elements per token; V2 34.6K;
+    DeepSeek 67B (GQA, 8 KV heads of 128, 95 layers) 194,560."""
+    lite, v2 = ModelConfig.from_preset("deepseek-v2-lite"), ModelConfig.from_preset("deepseek-v2")
+    assert lite.kv_elements_per_token_per_layer() * 27 == 15_552
+    assert lite.replace(attention_type="mha").kv_elements_per_token_per_layer() * 27 == 110_592
+    assert v2.kv_elements_per_token_per_layer() * 60 == 34_560
+    g67 = ModelConfig.from_preset("deepseek-67b")
+    assert g67.kv_elements_per_token_per_layer() * g67.num_hidden_layers == 194_560
+    assert lite.replace(attention_type="mqa").kv_elements_per_token_per_layer() == 2 * 128
+    assert lite.replace(attention_type="gqa", num_key_value_heads=4).kv_elements_per_token_per_layer() == 1024
+
+
 def test_small_presets_exist_and_are_small() -> None:
     tiny, small = ModelConfig.from_preset("tiny"), ModelConfig.from_preset("small")
     assert tiny.num_parameters() < 5e6

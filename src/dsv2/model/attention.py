@@ -123,10 +123,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split((self.d_nope, self.d_v), dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(b, s, h, self.d_rope)), dim=-1)  # (B,S,H,Dn+R)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B,T,H,Dn+R)
+        pad = q.shape[-1] - self.d_v
+        if pad > 0:  # PyTorch's fused CPU SDPA needs equal q/k and v widths; its fallback is ~3x slower
+            v = F.pad(v, (0, pad))  # (B,S,H,Dn+R)
         attn_mask, is_causal = _sdpa_mask(mask, t, s, q.device)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
-        return o.transpose(1, 2).flatten(2)  # (B,T,H*Dv)
+        return o.transpose(1, 2)[..., : self.d_v].flatten(2)  # (B,T,H*Dv)
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
                         k_pe: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

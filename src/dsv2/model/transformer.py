@@ -88,7 +88,7 @@ class DeepseekV2(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             bad = hi if hi >= self.config.vocab_size else lo
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        top = input_ids.shape[1] - 1 if positions is None else int(positions.max())
+        top = input_ids.shape[1] - 1 if positions is None else int(positions.max())  # max() of empty: caught above
         if top >= self.config.max_position_embeddings:
             raise ValueError(f"position {top} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings} (sequence too long)")
@@ -97,10 +97,10 @@ class DeepseekV2(nn.Module):
                        cache: KVCache | None = None, attn_impl: str = "expanded",
                        **moe_kwargs: Any) -> torch.Tensor:
         """Final-normed hidden states (B, T, D). positions (B,T) or (T,); default 0..T-1 (or after cache)."""
-        self.check_input(input_ids, positions)
         if positions is None:
             start = len(cache) if cache is not None and hasattr(cache, "__len__") else 0
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            positions = torch.arange(start, start + input_ids.shape[-1], device=input_ids.device)
+        self.check_input(input_ids, positions)
         cos, sin = self.rope(positions)  # (…,T,R/2)
         x = self.embed_tokens(input_ids)  # (B,T,D)
         for layer in self.layers:

@@ -201,7 +201,7 @@ def _check_resume(folder: Path, a: TrainArgs, cfg: ModelConfig, packed: data.Pac
         old_cfg = ModelConfig.from_json(folder).to_dict()
     except (OSError, ConfigError) as e:
         raise ckpt.ResumeError(f"--resume: cannot read the model config in {folder}: {e}") from e
-    diffs = ckpt.config_diff(cfg.to_dict(), old_cfg)
+    diffs = ckpt.config_diff(cfg.to_dict(), old_cfg, ignore=("torch_dtype",))
     old = json.loads((folder / ckpt.ARGS_FILE).read_text())
     for key in ("seq_len", "batch_size", "grad_accum"):
         if old.get(key) != getattr(a, key):

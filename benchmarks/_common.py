@@ -1,0 +1,49 @@
+"""Shared helpers for the benchmark scripts: timing, machine description, transformers twin models."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def transformers_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The same weights loaded into transformers' DeepseekV2ForCausalLM (through a hub-layout checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa")
+    return hf.eval()
