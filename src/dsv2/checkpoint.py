@@ -203,17 +203,22 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     def cast(t: torch.Tensor) -> torch.Tensor:  # dtype=None keeps each tensor's stored dtype
         return t if dtype is None else t.to(dtype)
 
+    # Consume the checkpoint tensor by tensor so at most one layer's experts exist twice (while stacked).
     state: dict[str, torch.Tensor] = {}
-    stacked: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for k, t in tensors.items():
+    pending: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    n_experts = cfg.n_routed_experts or 0
+    for k in list(tensors):
+        t = tensors.pop(k)
         m = _EXPERT_KEY.match(k)
-        if m:
-            stacked.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
-        else:
+        if not m:
             state[k.removeprefix("model.")] = cast(t)
-    for (layer, proj), experts in stacked.items():
-        state[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack(
-            [cast(experts[e]) for e in range(len(experts))])
+            continue
+        group = pending.setdefault((m.group(1), m.group(3)), {})
+        group[int(m.group(2))] = t
+        if len(group) == n_experts:
+            state[f"layers.{m.group(1)}.mlp.experts.{m.group(3)}"] = torch.stack(
+                [cast(group.pop(e)) for e in range(n_experts)])
+            del pending[(m.group(1), m.group(3))]
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

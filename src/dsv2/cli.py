@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from dsv2 import __version__
@@ -59,27 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--compare-dtype", default="bf16", help="cache dtype of the reference (default bf16)")
     kv.set_defaults(func=_cmd_kv)
 
-    try:  # the engine and trainer own their flags; the CLI only dispatches
-        from dsv2.engine.cli import add_generate_args, run_generate
-    except ImportError:
-        pass
-    else:
-        gen = sub.add_parser("generate", help="generate text from a checkpoint folder",
-                             description="Generate with the paged latent-cache engine.")
-        add_generate_args(gen)
-        gen.set_defaults(func=run_generate)
-    try:
-        from dsv2.train.cli import add_train_args, run_train
-    except ImportError:
-        pass
-    else:
-        tr = sub.add_parser("train", help="train a DeepSeek-V2 model", description="Train a DeepSeek-V2 model.")
-        add_train_args(tr)
-        tr.set_defaults(func=run_train)
+    # the trainer and the engine own their flags: these entries are for `dsv2 --help`; main() hands over
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return p
 
 
+# subcommands whose parser lives with the library code they drive: (module with main(argv), help)
+DELEGATED: dict[str, tuple[str, str]] = {
+    "generate": ("dsv2.engine.cli", "generate text from a checkpoint folder with the latent-cache engine"),
+    "train": ("dsv2.train.cli", "train a DeepSeek-V2 model (balance losses, attention variants, resume)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
