@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import DTYPES, machine, timeit, transformers_twin
 
+from _common import DTYPES, machine, timeit, transformers_twin
 from dsv2 import DeepseekV2, ModelConfig
 
 
@@ -43,13 +43,13 @@ def main() -> None:
     results = {}
     with torch.inference_mode():
         for mode in ("last", "full"):
-            def ours() -> None:
+            def ours(mode: str = mode) -> None:
                 h = model.forward_hidden(ids)
                 model.lm_head(h[:, -1:] if mode == "last" else h)
 
             results[("dsv2", mode)] = timeit(ours, args.repeat)
             if hf is not None:
-                def theirs() -> None:
+                def theirs(mode: str = mode) -> None:
                     hf(ids, logits_to_keep=1 if mode == "last" else 0)
 
                 results[("transformers", mode)] = timeit(theirs, args.repeat)
