@@ -1,37 +1,33 @@
 """Two CPU processes (gloo) against one process on the concatenated batch: DDP, FSDP2, expert
 parallelism (layer and full step), and a checkpoint written by 2 processes resumed in 1.
 
-The 2-process job runs once per module (tests/parallel/worker.py, ~40 s on 2 cores); each test
-checks one part of its results against a single-process reference computed here.
+The 2-process job runs once per session (conftest.py `job`, ~25-40 s on 2 cores); each test checks
+one part of its results against a single-process reference computed here.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import functools
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
-import launch  # noqa: E402
+from dsv2 import DeepseekV2, parallel
+from dsv2.model.moe import comm_balance_loss, device_balance_loss
+from dsv2.train.optim import build_optimizer
 
-from dsv2 import DeepseekV2, parallel  # noqa: E402
-from dsv2.model.moe import MoE, comm_balance_loss, device_balance_loss, drop_tokens  # noqa: E402
-from dsv2.train.optim import build_optimizer  # noqa: E402
+from . import common
 
 ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel")
-    codes = launch.run("all", out)
-    assert codes == [0, 0], launch.logs(out)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def results(job):
+    out, _, _, res = job
+    return out, res
 
 
+@functools.cache
 def reference_sgd(capacity_factor: float | None = None) -> tuple[DeepseekV2, list[float]]:
     """One process, full global batch, torch's own clip_grad_norm_."""
     model = common.build_model()
@@ -111,15 +107,6 @@ def test_expert_parallel_layer_forward_backward(results, key, cfg_kw):
         # per-rank load = kept picks on this rank's experts
         load = torch.bincount(r.idx[moe.last_keep], minlength=8)[rank * 4:(rank + 1) * 4]
         assert torch.equal(got["stats"]["expert_load"].long(), load)
-
-
-def test_drop_reference_is_the_models(results):
-    """Sanity: the reference above drops exactly what dsv2.model.moe.drop_tokens drops."""
-    cfg = common.config()
-    moe = MoE(cfg)
-    r = moe.route(common.moe_input(48, cfg.hidden_size))
-    keep = drop_tokens(r, 2, 0.75)
-    assert keep.sum() <= 2 * int(torch.ceil(torch.tensor(0.75 * 48 * 2 / 2)))
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(results):

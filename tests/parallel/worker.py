@@ -2,8 +2,9 @@
 
     python worker.py SCENARIO OUTDIR
 
-Scenarios: "all" (ddp, fsdp, ep layer, ep+ddp step, checkpoint save/continue) writes
-OUTDIR/rank{r}.pt; "die" makes rank 1 die mid-training to check every rank exits with an error.
+Scenario "all": ddp, fsdp, ep layer, ep+ddp step, checkpoint save/continue, results written to
+OUTDIR/rank{r}.pt; then rank 1 SIGKILLs itself mid-training ("die"), and rank 0 must exit 1 with a
+clear error. Scenario "hang": rank 1 stops answering instead; rank 0 must fail after the timeout.
 """
 
 from __future__ import annotations
@@ -88,13 +89,15 @@ def checkpoint(ctx, out: Path) -> dict:
     return {"losses": losses}
 
 
-def die(ctx, out: Path) -> None:
+def die(ctx, out: Path, mode: str = "die") -> None:
     model, _ = parallel.setup(common.build_model(), mode="ddp", ctx=ctx)
     opt = torch.optim.SGD(model.parameters(), lr=common.LR)
     for step, rows in enumerate(common.batches(1000)):
         if step == 1:
-            parallel.save_pretrained(model, out / "ckpt", ctx)
+            parallel.save_pretrained(model, out / "ckpt_before_crash", ctx)
         if step == 3 and ctx.rank == 1:
+            if mode == "hang":
+                time.sleep(3600)  # alive but stuck: the others must give up after the timeout
             os.kill(os.getpid(), 9)  # a hard crash: no exception, no goodbye to the peers
         loss, _, _ = common.loss_fn(model, ctx.shard_batch(rows))
         loss.backward()
@@ -108,8 +111,9 @@ def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
     ctx = parallel.init_distributed("cpu")
-    if scenario == "die":
-        parallel.run_guarded(die, ctx, ctx, out)
+    if scenario in ("die", "hang"):
+        with parallel.failfast():  # what the trainer's CLI wraps around train(): raw DDP/gloo errors
+            die(ctx, out, scenario)
         return
     res = {"ddp": data_parallel(ctx, "ddp"), "fsdp": data_parallel(ctx, "fsdp"),
            "ep_step": data_parallel(ctx, "ddp", ep=True, cf=1.0),
@@ -117,7 +121,9 @@ def main() -> None:
            "ep_layer": ep_layer(ctx), "ep_layer_g4": ep_layer(ctx, n_group=4, topk_group=2),
            "ckpt": checkpoint(ctx, out)}
     torch.save(res, out / f"rank{ctx.rank}.pt")
-    ctx.close()
+    # then rank 1 crashes mid-training (one job start saved: start-up dominates on 2 cores)
+    with parallel.failfast():
+        die(ctx, out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from .data_parallel import MODES, DataParallel, clip_grad_norm_, is_expert_param
 from .dist import (
     DistributedError,
     ParallelContext,
+    failfast,
     init_distributed,
     launch,
     maybe_launch,
@@ -27,7 +28,7 @@ from .state import (
 
 __all__ = [
     "MODES", "DataParallel", "DistributedError", "ExpertParallelMoE", "ParallelContext", "adjust_aux",
-    "all_to_all", "apply_expert_parallel", "clip_grad_norm_", "export_model", "full_state_dict",
+    "all_to_all", "apply_expert_parallel", "clip_grad_norm_", "export_model", "failfast", "full_state_dict",
     "gather_stats", "init_distributed", "is_expert_param", "launch", "load_optimizer_state_dict",
     "maybe_launch", "optimizer_state_dict", "run_guarded", "save_pretrained", "setup", "strip_nproc",
     "torchrun_command", "unwrap",

@@ -189,15 +189,34 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float | Non
     return ctx
 
 
-def run_guarded(fn: Any, ctx: ParallelContext, *args: Any, **kwargs: Any) -> Any:
-    """Run fn under ctx.guard(); on a DistributedError print it and exit(1) without a teardown that
-    could itself block on the dead peer (torchrun then stops the remaining ranks)."""
+@contextlib.contextmanager
+def failfast(what: str = "training") -> Iterator[None]:
+    """Wrap a whole distributed run: a failed or timed-out collective anywhere inside (DDP/FSDP hooks
+    included) prints one clear line naming this rank and exits 1 at once, without a teardown that
+    could itself block on the dead peer; torchrun then stops the remaining ranks. No-op without a
+    process group; other exceptions propagate unchanged."""
     try:
-        with ctx.guard():
-            return fn(*args, **kwargs)
-    except DistributedError as e:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        if not isinstance(e, DistributedError):
+            if not _looks_like_comm_error(e):
+                raise
+            timeout = float(os.environ.get("DSV2_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            e = DistributedError(
+                f"rank {dist.get_rank()}/{dist.get_world_size()}: {what} failed: a collective did not "
+                f"complete (another rank died, raised or hung longer than the {timeout:.0f}s timeout). "
+                f"Cause: {type(e).__name__}: {cause}")
         print(f"dsv2 parallel: error: {e}", file=sys.stderr, flush=True)
         os._exit(1)
+
+
+def run_guarded(fn: Any, ctx: ParallelContext, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) under ctx.guard() and failfast()."""
+    with failfast(), ctx.guard():
+        return fn(*args, **kwargs)
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], module: str = "dsv2.train", nnodes: int = 1,

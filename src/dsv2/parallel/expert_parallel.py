@@ -143,7 +143,10 @@ class ExpertParallelMoE(MoE):
         n_global = int(got[:, 1].sum())
         send_l = send.tolist()
 
-        x_in = all_to_all(flat[row_tok], recv, send_l, self.group)  # (Rr,D)
+        x_send = flat[row_tok]  # (R,D)
+        if torch.is_autocast_enabled(x.device.type):  # the experts' first matmul casts anyway: send half
+            x_send = x_send.to(torch.get_autocast_dtype(x.device.type))
+        x_in = all_to_all(x_send, recv, send_l, self.group)  # (Rr,D)
         w_in = all_to_all(weight, recv, send_l, self.group)  # (Rr,K)
         meta = _a2a(torch.cat([local_e.to(prio.dtype), prio], dim=1), recv, send_l, self.group)  # (Rr,2K)
         e_in, p_in = meta[:, :k].long(), meta[:, k:]
@@ -175,7 +178,7 @@ class ExpertParallelMoE(MoE):
         self.last_routing, self.last_keep = (r, keep_tok) if keep_routing else (None, None)
         if keep_routing:
             self._rank_losses(r, sent, b, t)
-        self._record(send, got[:, 0], e_in, keep, d, x.element_size(), k)
+        self._record(send, got[:, 0], e_in, keep, d * (x_send.element_size() + y.element_size()), k)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
@@ -192,14 +195,14 @@ class ExpertParallelMoE(MoE):
         self.last_comm_loss = (f_comm * p_rank).sum(-1).mean()
 
     def _record(self, send: torch.Tensor, recv: torch.Tensor, e_in: torch.Tensor, keep: torch.Tensor,
-                d: int, elem: int, k: int) -> None:
+                row_hidden_bytes: int, k: int) -> None:
         s = self.stats
         with torch.no_grad():
             s["expert_load"] += torch.bincount(e_in[keep], minlength=self.n_local).double().cpu()
             s["rows_sent"] += send.float().cpu()
             s["rows_recv"] += recv.float().cpu()
-            # per row: hidden out + back (2·D·elem) + fp32 weights and metadata (3K·4)
-            row = 2 * d * elem + 3 * k * 4
+            # per row: hidden state out + partial output back, fp32 gate weights + metadata (3K·4)
+            row = row_hidden_bytes + 3 * k * 4
             total = float(send.sum()) * row + 16 * self.world_size
             s["a2a_bytes"] += total
             s["a2a_bytes_off_rank"] += total - float(send[self.rank]) * row

@@ -100,7 +100,7 @@ def optimizer_state_dict(model: nn.Module, opt: torch.optim.Optimizer, ctx: Para
         with ctx.guard("gather FSDP optimizer state"):
             fqn = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True,
                                                                              cpu_offload=True))
-        sd = _fqn_to_index(fqn, names, opt) if ctx.is_main else None
+        sd = _fqn_to_index(fqn, names) if ctx.is_main else None
     else:
         sd = copy.copy(opt.state_dict()) if ctx.is_main else None
         if sd is not None:
@@ -122,7 +122,7 @@ def optimizer_state_dict(model: nn.Module, opt: torch.optim.Optimizer, ctx: Para
     return sd
 
 
-def _fqn_to_index(fqn: dict[str, Any], names: list[str], opt: torch.optim.Optimizer) -> dict[str, Any]:
+def _fqn_to_index(fqn: dict[str, Any], names: list[str]) -> dict[str, Any]:
     index = {n: i for i, n in enumerate(names)}
     state = {index[n]: s for n, s in fqn["state"].items() if n in index}
     groups = []
