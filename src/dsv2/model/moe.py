@@ -144,13 +144,12 @@ class Experts(nn.Module):
     def _dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
                   weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
         xs = x[token]  # (P,D) picks grouped by expert
+        # unbind, not wg[e]: indexing would give each expert's gradient as a full (E,I,D) tensor in backward
+        wg, wu, wd = wg.unbind(0), wu.unbind(0), wd.unbind(0)
         outs = []
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                xe = xs[start : start + c]
+        for e, xe in enumerate(xs.split(counts)):
+            if counts[e]:
                 outs.append(F.linear(F.silu(F.linear(xe, wg[e])) * F.linear(xe, wu[e]), wd[e]))
-            start += c
         if not outs:
             return torch.zeros_like(x)
         ys = torch.cat(outs)
