@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import statistics
 import time
@@ -28,8 +29,8 @@ from dsv2.model import DeepseekV2
 
 
 def lite_shape(layers: int = 2, attention_type: str = "mla") -> ModelConfig:
-    return ModelConfig.from_preset("deepseek-v2-lite", num_hidden_layers=layers, n_routed_experts=None,
-                                   n_shared_experts=None, num_experts_per_tok=None,
+    # every layer dense: first_k_dense_replace = layers (transformers needs the MoE fields set)
+    return ModelConfig.from_preset("deepseek-v2-lite", num_hidden_layers=layers, first_k_dense_replace=layers,
                                    attention_type=attention_type)
 
 
@@ -48,18 +49,32 @@ def timed(fn, steps: int) -> float:
     return statistics.median(ts)
 
 
+def timed_rounds(fns: dict[str, tuple[object, int]]) -> dict[str, float]:
+    """Best seconds of each function, calls interleaved round by round so that load from other jobs
+    on the machine hits every implementation alike. fns: name -> (function, timed calls)."""
+    for fn, _ in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
+    for r in range(max(n for _, n in fns.values())):
+        for name, (fn, n) in fns.items():
+            if r < n:
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def machine_roofline() -> tuple[float, float]:
-    """(GEMM FLOP/s at the model dtype's best, memory read bytes/s), measured now."""
+    """(best GEMM FLOP/s of fp32 / bf16, best memory read bytes/s of a sum / a bf16 GEMV), measured now."""
     a = torch.randn(2048, 2048)
     flops = 2 * 2048**3 / timed(lambda: a @ a, 5)
-    ab = a.bfloat16()
-    flops = max(flops, 2 * 2048**3 / timed(lambda: ab @ ab, 3))
+    xb, wb = torch.randn(1024, 2048, dtype=torch.bfloat16), torch.randn(4096, 2048, dtype=torch.bfloat16)
+    flops = max(flops, 2 * 1024 * 2048 * 4096 / timed(lambda: torch.nn.functional.linear(xb, wb), 3))
     big = torch.randn(128 * 2**20)  # 512 MiB: far past every cache level
     bw = big.numel() * 4 / timed(lambda: big.sum(), 5)
-    w = torch.randn(16384, 8192, dtype=torch.bfloat16)  # 256 MiB GEMV: what decode actually does
-    x = torch.randn(1, 8192, dtype=torch.bfloat16)
-    bw = max(bw, w.numel() * 2 / timed(lambda: torch.nn.functional.linear(x, w), 5))
-    del big, w
+    wv = torch.randn(16384, 8192, dtype=torch.bfloat16)  # 256 MiB GEMV: what decode actually does
+    xv = torch.randn(1, 8192, dtype=torch.bfloat16)
+    bw = max(bw, wv.numel() * 2 / timed(lambda: torch.nn.functional.linear(xv, wv), 5))
     return flops, bw
 
 
@@ -80,6 +95,9 @@ def dsv2_step_fn(engine: Engine, rows: list[torch.Tensor]):
     def step() -> None:
         seq.length = s  # decode position S every time: same work per call
         engine.runner.decode([seq], [7])
+    if not hasattr(engine, "cache_seqs"):
+        engine.cache_seqs = []
+    engine.cache_seqs.append(seq)
     return step, seq
 
 
@@ -94,9 +112,7 @@ def hf_model_from(model: DeepseekV2):
     sd = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
     hf.load_state_dict(sd, assign=True, strict=True)
     # rotary buffers were created on meta: rebuild them on the CPU
-    rot = hf.model.rotary_emb
-    inv, scale = rot.rope_init_fn(rot.config, torch.device("cpu"))
-    rot.inv_freq, rot.original_inv_freq, rot.attention_scaling = inv, inv, scale
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)
     return hf.to(model.lm_head.weight.dtype).eval()
 
 
@@ -116,10 +132,11 @@ def hf_step_fn(hf, rows: list[torch.Tensor], c: int):
 
     def step() -> None:
         cache = state["cache"]
-        if cache.get_seq_length() != s:
-            cache.crop(s)
+        extra = cache.get_seq_length() - s
+        if extra > 0:
+            cache.crop(-extra)  # drop the token the previous call appended
         with torch.inference_mode():
-            hf(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+            hf(input_ids=ids, position_ids=pos, cache=cache, use_cache=True)
     return step
 
 
@@ -140,21 +157,59 @@ def step_cost(model: DeepseekV2, s: int, bytes_per_token: int, impl: str) -> tup
     return nbytes, 2 * params + attn * cfg.num_hidden_layers
 
 
+def kv_quality_report(model_dir: str | None, steps: int) -> None:
+    """Quantised cache modes vs the bf16 cache: bytes/token, mean KL, greedy agreement (teacher-forced)."""
+    from dsv2.engine.quality import kv_quality
+
+    if model_dir:
+        model = DeepseekV2.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        what = model_dir
+    else:  # V2-Lite latent dims (C 512, R 64, 16 heads) on a small trunk; sharpened so tokens are decisive
+        cfg = ModelConfig.from_preset("deepseek-v2-lite", num_hidden_layers=2, first_k_dense_replace=2,
+                                      hidden_size=512, intermediate_size=1024, vocab_size=8192)
+        model = DeepseekV2(cfg, dtype=torch.bfloat16).eval()
+        model.reset_parameters(seed=0)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30)
+            for layer in model.layers:
+                layer.self_attn.q_proj.weight.mul_(8)
+        what = "random V2-Lite-latent model (hidden 512, 2 layers, lm_head x30, q_proj x8)"
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (64,), generator=g).tolist()
+    print(f"KV cache quality vs bf16 cache, {what}, {steps} teacher-forced greedy decode steps")
+    print(f"{'mode':>16} {'bytes/token/layer':>18} {'bits/elt':>9} {'mean KL':>10} {'greedy agree':>13}")
+    for q in kv_quality(model, prompt, steps=steps):
+        per_layer = q.bytes_per_token // model.config.num_hidden_layers
+        print(f"{q.mode:>16} {per_layer:>18} {q.bits_per_element:>9.2f} {q.mean_kl:>10.2e} "
+              f"{q.greedy_agreement:>12.1%}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
     ap.add_argument("--steps", type=int, default=10, help="timed steps for dsv2 absorbed and MHA")
-    ap.add_argument("--hf-steps", type=int, nargs="+", default=[3, 2, 1, 1],
+    ap.add_argument("--hf-steps", type=int, nargs="+", default=[3, 2, 2, 1],
                     help="timed steps for transformers and dsv2 expanded, per context (last one repeats)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--kv-quality", nargs="?", const="", default=None, metavar="MODEL_DIR",
+                    help="instead: quantised cache quality vs bf16 (a checkpoint folder, or a random model)")
+    ap.add_argument("--quality-steps", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (other jobs on the machine skew timings)")
+    if args.kv_quality is not None:
+        kv_quality_report(args.kv_quality or None, args.quality_steps)
+        return
     torch.manual_seed(0)
     dt = torch.bfloat16
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
     flops, bw = machine_roofline()
-    print(f"machine: GEMM {flops / 1e9:.1f} GFLOP/s (best of fp32/bf16), read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"machine: GEMM {flops / 1e9:.1f} GFLOP/s (best of fp32/bf16), read bandwidth {bw / 1e9:.1f} GB/s",
+          flush=True)
 
     cfg = lite_shape(args.layers)
     model = DeepseekV2(cfg, dtype=dt).eval()
@@ -169,37 +224,43 @@ def main() -> None:
     print(f"weights loaded; peak RSS {peak_rss_gib():.2f} GiB\n")
 
     hdr = (f"{'context':>8} {'absorbed ms':>12} {'expanded ms':>12} {'transformers ms':>16} {'MHA ms':>8} "
-           f"{'HF/abs':>8} {'exp/abs':>8} {'MHA/abs':>8} {'abs roofline':>13} {'peak RSS GiB':>13}")
+           f"{'HF/abs':>8} {'exp/abs':>8} {'MHA/abs':>8} {'abs roofline':>13} {'GB/s':>6} {'GFLOP/s':>8} "
+           f"{'peak RSS GiB':>13}")
     print(hdr)
     results = []
+    big = torch.randn(64 * 2**20)  # 256 MiB bandwidth probe and a GEMM probe, re-timed beside every row
+    sq = torch.randn(1024, 1024)
     for k, s in enumerate(args.contexts):
         hf_steps = args.hf_steps[min(k, len(args.hf_steps) - 1)]
         rows = synthetic_rows(cfg, s, dt, seed=s)
-        step, seq = dsv2_step_fn(eng, rows)
-        t_abs = timed(step, args.steps)
-        eng.cache.release(seq)
-        step, seq = dsv2_step_fn(eng_x, rows)
-        t_exp = timed(step, hf_steps)
-        eng_x.cache.release(seq)
-        t_hf = float("nan")
+        mha_rows = synthetic_rows(mha_model.config, s, dt, seed=s)
+        fns = {"bw": (lambda: big.sum(), args.steps), "gemm": (lambda: sq @ sq, args.steps)}
+        fns["abs"] = (dsv2_step_fn(eng, rows)[0], args.steps)
+        fns["mha"] = (dsv2_step_fn(mha, mha_rows)[0], args.steps)
+        fns["exp"] = (dsv2_step_fn(eng_x, rows)[0], hf_steps)
         if hf is not None:
-            t_hf = timed(hf_step_fn(hf, rows, cfg.kv_lora_rank), hf_steps)
-        del rows
+            fns["hf"] = (hf_step_fn(hf, rows, cfg.kv_lora_rank), hf_steps)
+        t = timed_rounds(fns)
+        for e in (eng, eng_x, mha):
+            for seq in list(e.cache_seqs):
+                e.cache.release(seq)
+            e.cache_seqs.clear()
+        del rows, mha_rows, fns
         gc.collect()
-        rows = synthetic_rows(mha_model.config, s, dt, seed=s)
-        step, seq = dsv2_step_fn(mha, rows)
-        t_mha = timed(step, args.steps)
-        mha.cache.release(seq)
-        del rows, step
-        gc.collect()
+        t_abs, t_exp, t_mha, t_hf = t["abs"], t["exp"], t["mha"], t.get("hf", float("nan"))
+        bw_row = max(bw, big.numel() * 4 / t["bw"])
+        flops_row = max(flops, 2 * 1024**3 / t["gemm"])
         nb, fl = step_cost(model, s, eng.cache.bytes_per_token, "absorbed")
-        roof = max(nb / bw, fl / flops) / t_abs
+        roof = max(nb / bw_row, fl / flops_row) / t_abs
         results.append((s, t_abs, t_exp, t_hf, t_mha, roof))
         print(f"{s:>8} {t_abs * 1e3:>12.2f} {t_exp * 1e3:>12.1f} {t_hf * 1e3:>16.1f} {t_mha * 1e3:>8.2f} "
               f"{t_hf / t_abs:>7.1f}x {t_exp / t_abs:>7.1f}x {t_mha / t_abs:>7.2f}x {roof:>12.0%} "
-              f"{peak_rss_gib():>13.2f}", flush=True)
-    print("\nabsorbed step: bytes = weights (all but embedding) + S x KV bytes/token; roofline time ="
-          " max(bytes/BW, FLOPs/GEMM rate); fraction = roofline time / measured time.")
+              f"{bw_row / 1e9:>6.1f} {flops_row / 1e9:>8.1f} {peak_rss_gib():>13.2f}", flush=True)
+    print("\nbest of N interleaved calls per implementation (transformers/expanded: --hf-steps calls).")
+    print("absorbed step: bytes = weights (all but embedding) + S x KV bytes/token; roofline time ="
+          " max(bytes/BW, FLOPs/GEMM rate), BW and GEMM rate = best seen (start of run or beside the row);"
+          " fraction = roofline time / measured time.")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

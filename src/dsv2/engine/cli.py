@@ -1,0 +1,129 @@
+"""`dsv2 generate`: flags and the command, handed to src/dsv2/cli.py (which only dispatches).
+
+    dsv2 generate --model DIR --prompt "To be, or not to be" --max-new-tokens 64 --temperature 0.8
+
+Reads config.json + safetensors and tokenizer.json from DIR, streams the text of a single prompt as it
+is generated (several --prompt flags run as one continuous batch), then prints the measured tokens/s
+and the KV cache size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dsv2.engine.quant import CACHE_DTYPES
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat the flag to generate for several prompts in one batch")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (per request)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the config's eos_token_id")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=CACHE_DTYPES,
+                   help="cache storage: auto (= model dtype), fp32, bf16, fp16, fp8, int8, int4, or mixed "
+                   "(int4 latent + bf16 k_R, <= 6 bits/element)")
+    p.add_argument("--kv-rope-bf16", action="store_true", help="keep k_R in bf16 when the latent is quantised")
+    p.add_argument("--kv-memory", default=None, help="cache budget, e.g. 4GiB (default: enough for the batch)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="weight dtype; auto = fp32 below 1B parameters, else bf16")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the MLP/MoE blocks")
+
+
+def _pick_dtype(name: str, n_params: int) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    return torch.float32 if n_params < 1_000_000_000 else torch.bfloat16
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from tokenizers import Tokenizer
+
+    from dsv2.config import ModelConfig
+    from dsv2.engine import Engine, SamplingParams
+    from dsv2.model import DeepseekV2
+
+    folder = Path(args.model)
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.exists():
+        print(f"error: no tokenizer.json in {folder}", file=sys.stderr)
+        return 2
+    try:
+        cfg = ModelConfig.from_json(folder)
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, seed=args.seed,
+            stop_token_ids=() if args.ignore_eos or cfg.eos_token_id is None else (cfg.eos_token_id,))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _pick_dtype(args.dtype, cfg.num_parameters())
+    tokenizer = Tokenizer.from_file(str(tok_file))
+    t0 = time.perf_counter()
+    model = DeepseekV2.from_pretrained(folder, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    budget_tokens = len(args.prompt) * (max(len(tokenizer.encode(p).ids) for p in args.prompt)
+                                        + args.max_new_tokens)
+    try:
+        engine = Engine(model, kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory,
+                        max_tokens=None if args.kv_memory else max(budget_tokens, 64),
+                        rope_bf16=args.kv_rope_bf16, compile=args.compile)
+        prompts = [tokenizer.encode(p).ids for p in args.prompt]
+        for p in prompts:
+            engine.scheduler.check(p, params)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[{cfg.num_parameters() / 1e6:.1f}M parameters, {dtype}, {device}, loaded in {load_s:.1f}s]",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    outs: list[list[int]] = [[] for _ in prompts]
+    shown = ""
+    for ev in engine.stream(prompts, params):
+        if ev.finish_reason == "error":
+            print(f"\nerror: request {ev.index} failed: {ev.error}", file=sys.stderr)
+            return 1
+        outs[ev.index].append(ev.token)
+        if len(prompts) == 1:  # stream the text: print what the new token added to the decoded string
+            text = tokenizer.decode(outs[0])
+            if text.startswith(shown):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    wall = time.perf_counter() - t0
+    if len(prompts) == 1:
+        print()
+    else:
+        for p, o in zip(args.prompt, outs):
+            print(f"--- {p!r}\n{tokenizer.decode(o)}")
+    st, rep = engine.stats, engine.cache_report()
+    n = sum(len(o) for o in outs)
+    print(f"[{n} tokens in {wall:.2f}s: {n / wall:.1f} tokens/s overall, decode {st.decode_tokens_per_s:.1f} "
+          f"tokens/s, prefill {st.prefill_tokens} tokens in {st.prefill_s:.2f}s]", file=sys.stderr)
+    print(f"[KV cache {rep['kv_cache_dtype']}: {rep['bytes_per_token']} bytes/token "
+          f"({rep['bits_per_element']} bits/element), {rep['cache_bytes'] / 2**20:.2f} MiB allocated for "
+          f"{rep['capacity_tokens']} tokens; used {n + sum(map(len, prompts))} tokens = "
+          f"{(n + sum(map(len, prompts))) * rep['bytes_per_token'] / 2**20:.3f} MiB]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dsv2 generate", description="Generate with the dsv2 engine.")
+    add_generate_args(p)
+    return run_generate(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

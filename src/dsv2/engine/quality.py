@@ -1,0 +1,62 @@
+"""Quality of a quantised cache against a reference cache: teacher-forced KL and greedy agreement.
+
+The reference engine decodes greedily for `steps` tokens; every other engine is fed the *same* tokens
+(teacher forcing, so one early disagreement does not derail the rest) and its next-token distribution
+is compared at every step: mean KL(p_ref || p_mode) and the fraction of steps with the same argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv2.engine.engine import Engine
+from dsv2.model import DeepseekV2
+
+
+@dataclass(frozen=True)
+class KVQuality:
+    mode: str
+    bytes_per_token: int
+    bits_per_element: float
+    mean_kl: float
+    greedy_agreement: float
+
+
+def _logits_along(engine: Engine, prompt: list[int], forced: list[int] | None, steps: int
+                  ) -> tuple[list[int], torch.Tensor]:
+    """Decode `steps` tokens (greedy, or the `forced` ones); the (steps, V) fp32 log-probs at each."""
+    runner, cache = engine.runner, engine.cache
+    seq = cache.reserve(len(prompt) + steps)
+    try:
+        logits = runner.prefill(seq, prompt)[None]
+        toks, out = [], []
+        for i in range(steps):
+            out.append(logits[0].float().log_softmax(-1))
+            toks.append(int(logits[0].argmax()) if forced is None else forced[i])
+            if i + 1 < steps:
+                logits = runner.decode([seq], [toks[-1]])
+        return toks, torch.stack(out)
+    finally:
+        cache.release(seq)
+
+
+def kv_quality(model: DeepseekV2, prompt: list[int], steps: int = 512, modes: list[tuple[str, bool]] | None = None,
+               reference: str = "bf16", **engine_kw) -> list[KVQuality]:
+    """Compare each (kv_cache_dtype, rope_bf16) mode with the `reference` cache over `steps` decode steps."""
+    modes = modes or [("bf16", False), ("fp8", False), ("fp8", True), ("int8", False), ("int8", True),
+                      ("int4", False), ("int4", True), ("mixed", False)]
+    budget = len(prompt) + steps
+    ref = Engine(model, kv_cache_dtype=reference, max_tokens=budget, **engine_kw)
+    toks, ref_lp = _logits_along(ref, prompt, None, steps)
+    out = []
+    for name, rope_bf16 in modes:
+        eng = Engine(model, kv_cache_dtype=name, rope_bf16=rope_bf16, max_tokens=budget, **engine_kw)
+        _, lp = _logits_along(eng, prompt, toks, steps)
+        kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0).mean().item()
+        agree = (lp.argmax(-1) == ref_lp.argmax(-1)).float().mean().item()
+        rep = eng.cache_report()
+        out.append(KVQuality(str(rep["kv_cache_dtype"]), int(rep["bytes_per_token"]),
+                             float(rep["bits_per_element"]), kl, agree))
+    return out

@@ -1,0 +1,202 @@
+"""Engine end to end (fp32, tiny configs): greedy tokens against a plain full-forward loop and against
+transformers, continuous batching with joins/leaves, queuing when full, errors and failure isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv2.config import ModelConfig
+from dsv2.engine import CacheError, Engine, GenerationError, RequestError, SamplingError, SamplingParams
+from dsv2.model import DeepseekV2
+
+ATTN = {"mla": {}, "mha": {"attention_type": "mha"}, "gqa": {"attention_type": "gqa", "num_key_value_heads": 2},
+        "mqa": {"attention_type": "mqa"}}
+
+
+def tiny_model(attn: str = "mla", seed: int = 1, **kw) -> DeepseekV2:
+    cfg = ModelConfig.from_preset("tiny", **ATTN[attn], **kw)
+    model = DeepseekV2(cfg).eval()
+    model.reset_parameters(seed=seed)
+    with torch.no_grad():  # a decisive router: no near-ties between experts (DESIGN §5)
+        for moe in model.moe_layers():
+            moe.gate.weight.mul_(50)
+    return model
+
+
+def full_forward_greedy(model: DeepseekV2, prompt: list[int], n: int) -> list[int]:
+    """The reference: re-run the whole sequence through the model for every new token, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+PROMPTS = [[1, 5, 9, 33, 7], [1, 7], [3] * 70, list(range(10, 31)), [100, 200, 300]]
+MAX_NEW = [8, 3, 12, 6, 10]
+
+
+@pytest.fixture(scope="module")
+def mla_model() -> DeepseekV2:
+    return tiny_model("mla")
+
+
+@pytest.fixture(scope="module")
+def mla_refs(mla_model: DeepseekV2) -> list[list[int]]:
+    return [full_forward_greedy(mla_model, p, n) for p, n in zip(PROMPTS, MAX_NEW)]
+
+
+@pytest.mark.parametrize("attn", ["mla", "mha", "gqa", "mqa"])
+def test_generate_equals_full_forward_loop(attn: str, mla_model, mla_refs) -> None:
+    model = mla_model if attn == "mla" else tiny_model(attn)
+    refs = mla_refs if attn == "mla" else [full_forward_greedy(model, p, n) for p, n in zip(PROMPTS, MAX_NEW)]
+    # a small batch cap and chunked prefill: requests join as others leave, prompts span chunks
+    eng = Engine(model, max_tokens=256, block_size=8, max_batch=3, prefill_chunk=16)
+    outs = eng.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW])
+    assert outs == refs
+    assert eng.cache.allocator.num_free == eng.cache.num_blocks  # everything released
+
+
+def test_requests_join_and_leave_mid_flight(mla_model, mla_refs) -> None:
+    eng = Engine(mla_model, max_tokens=512, block_size=4)
+    reqs = {0: eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))}
+    arrivals = {2: 1, 3: 2, 5: 3, 9: 4}  # step -> prompt index joining then
+    step = 0
+    while not eng.scheduler.idle or len(reqs) < len(PROMPTS):
+        if step in arrivals:
+            i = arrivals[step]
+            reqs[i] = eng.add_request(PROMPTS[i], SamplingParams(max_new_tokens=MAX_NEW[i]))
+        eng.step()
+        step += 1
+    assert [reqs[i].output for i in range(len(PROMPTS))] == mla_refs
+    assert eng.stats.max_running >= 3
+
+
+def test_fast_decode_matches_model_attend_absorbed(mla_model) -> None:
+    """The engine's own attention over the pool vs the model's attend_absorbed/expanded on the same cache."""
+    logits = {}
+    for impl in ("fast", "absorbed", "expanded"):
+        eng = Engine(mla_model, max_tokens=256, block_size=4, decode_impl=impl, decode_chunk=8)
+        seqs = [eng.cache.reserve(len(p) + 4) for p in PROMPTS[:3]]
+        for s, p in zip(seqs, PROMPTS[:3]):
+            eng.runner.prefill(s, p)
+        logits[impl] = eng.runner.decode(seqs, [4, 5, 6])
+    torch.testing.assert_close(logits["fast"], logits["absorbed"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits["fast"], logits["expanded"], rtol=1e-4, atol=1e-4)
+
+
+def test_fragmented_cache_gives_the_same_tokens(mla_model, mla_refs) -> None:
+    eng = Engine(mla_model, max_tokens=64 * 4, block_size=4, decode_chunk=5)
+    # fragment the pool: hold every other block while the requests run
+    holds = [eng.cache.reserve(4) for _ in range(eng.cache.num_blocks // 2)]
+    for h in holds[::2]:
+        eng.cache.release(h)
+    outs = eng.generate(PROMPTS[:2], [SamplingParams(max_new_tokens=n) for n in MAX_NEW[:2]])
+    assert outs == mla_refs[:2]
+
+
+def test_matches_transformers_generate(tmp_path, mla_model) -> None:
+    from transformers import DeepseekV2ForCausalLM
+
+    mla_model.save_pretrained(tmp_path)
+    hf = DeepseekV2ForCausalLM.from_pretrained(tmp_path).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    eng = Engine(mla_model, max_tokens=512, block_size=8)
+    prompts = [PROMPTS[0], PROMPTS[3]]
+    ours = eng.generate(prompts, SamplingParams(max_new_tokens=10))
+    for p, o in zip(prompts, ours):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)
+        assert out[0, len(p):].tolist() == o
+
+
+def test_cache_full_requests_wait_and_all_finish(mla_model, mla_refs) -> None:
+    # room for ~one request at a time: the others queue, nothing is evicted or corrupted
+    eng = Engine(mla_model, max_tokens=96, block_size=8)
+    outs = eng.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW])
+    assert outs == mla_refs
+    assert eng.stats.max_running < len(PROMPTS)
+
+
+def test_request_too_long_errors(mla_model) -> None:
+    eng = Engine(mla_model, max_tokens=64, block_size=8)
+    with pytest.raises(CacheError, match="too long for the cache.*whole cache holds 64"):
+        eng.generate([[1] * 60], SamplingParams(max_new_tokens=10))
+    with pytest.raises(RequestError, match="max_position_embeddings="):
+        eng.add_request([1] * 1000, SamplingParams(max_new_tokens=30))
+    with pytest.raises(RequestError, match="empty"):
+        eng.add_request([], SamplingParams())
+    with pytest.raises(RequestError, match=r"prompt\[1\] = 512"):
+        eng.add_request([1, 512], SamplingParams())
+    with pytest.raises(SamplingError, match="SamplingParams.top_p"):
+        eng.generate([[1, 2]], SamplingParams(top_p=0))
+    assert eng.scheduler.idle and eng.cache.allocator.num_free == eng.cache.num_blocks
+
+
+def test_bad_request_leaves_others_and_cache_intact(mla_model, mla_refs) -> None:
+    eng = Engine(mla_model, max_tokens=128, block_size=8)
+    good = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))
+    with pytest.raises(CacheError):
+        eng.add_request([1] * 200, SamplingParams(max_new_tokens=1))
+    while not eng.scheduler.idle:
+        eng.step()
+    assert good.output == mla_refs[0]
+    # a request that blows up inside a step (NaN logits for it alone) fails alone
+    eng2 = Engine(mla_model, max_tokens=512, block_size=8)
+    real = eng2.runner.decode
+
+    def poisoned(seqs, tokens):
+        out = real(seqs, tokens).clone()
+        for j, s in enumerate(seqs):  # request 0 only (sampled, so multinomial rejects its NaNs)
+            if any(r.slots is s and r.prompt == PROMPTS[0] for r in eng2.scheduler.running):
+                out[j] = float("nan")
+        return out
+    eng2.runner.decode = poisoned
+    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=0)] + \
+             [SamplingParams(max_new_tokens=n) for n in MAX_NEW[1:3]]
+    with pytest.raises(GenerationError) as info:
+        eng2.generate([PROMPTS[0]] + PROMPTS[1:3], params)
+    assert list(info.value.errors) == [0]
+    assert info.value.outputs[1:] == mla_refs[1:3]
+    assert eng2.cache.allocator.num_free == eng2.cache.num_blocks
+
+
+def test_seeded_sampling_does_not_depend_on_batch(mla_model) -> None:
+    sp = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, top_p=0.9, seed=123)
+    alone = Engine(mla_model, max_tokens=256).generate([PROMPTS[1]], sp)[0]
+    crowd = Engine(mla_model, max_tokens=256).generate(
+        [PROMPTS[0], PROMPTS[1], PROMPTS[2]], [SamplingParams(max_new_tokens=5, temperature=1.0, seed=9), sp,
+                                               SamplingParams(max_new_tokens=3)])[1]
+    assert alone == crowd
+
+
+def test_stop_tokens_and_stream(mla_model, mla_refs) -> None:
+    stop = mla_refs[2][4]
+    eng = Engine(mla_model, max_tokens=512)
+    events = list(eng.stream([PROMPTS[2]], SamplingParams(max_new_tokens=12, stop_token_ids=[stop])))
+    toks = [e.token for e in events]
+    assert toks == mla_refs[2][: mla_refs[2].index(stop) + 1]
+    assert events[-1].finished and events[-1].finish_reason == "stop"
+    assert not any(e.finished for e in events[:-1])
+
+
+def test_bf16_fast_decode_close_to_model_path() -> None:
+    """bf16 weights and cache (the CPU upcast / native-GEMV path where bf16 GEMM is not native)."""
+    model = tiny_model("mla").to(torch.bfloat16)
+    logits = {}
+    for impl in ("fast", "absorbed"):
+        eng = Engine(model, kv_cache_dtype="bf16", max_tokens=256, block_size=4, decode_impl=impl,
+                     decode_chunk=16)
+        seqs = [eng.cache.reserve(len(p) + 2) for p in PROMPTS[:3]]
+        for s, p in zip(seqs, PROMPTS[:3]):
+            eng.runner.prefill(s, p)
+        logits[impl] = eng.runner.decode(seqs, [4, 5, 6]).float()
+        eng = Engine(model, kv_cache_dtype="bf16", max_tokens=256, decode_impl=impl)  # batch of one
+        seq = eng.cache.reserve(len(PROMPTS[0]) + 2)
+        eng.runner.prefill(seq, PROMPTS[0])
+        logits[impl + "1"] = eng.runner.decode([seq], [4]).float()
+    for a, b in (("fast", "absorbed"), ("fast1", "absorbed1")):
+        err = (logits[a] - logits[b]).abs().max() / logits[b].abs().max()
+        assert err < 0.03, (a, err)
