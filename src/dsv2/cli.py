@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "default deepseek-v2")
     src.add_argument("--config", help="a config.json file or checkpoint folder instead of a preset")
     kv.add_argument("--dtype", default="bf16",
-                    help="cache element type: fp32, bf16, fp16, fp8, int8, int4, 6bit or bits per element "
-                    "(default bf16)")
+                    help="cache storage: fp32, bf16, fp16, or the engine's quantised formats fp8, int8, int4, "
+                    "mixed (int4 c_kv + bf16 k_R), with an optional +rope_bf16 suffix (exact bits incl. scales); "
+                    "or 6bit / a number of bits per element (default bf16)")
     kv.add_argument("--context", type=_parse_tokens, default=4096,
                     help="tokens per sequence for the per-sequence column, e.g. 4096 or 128K (default 4096)")
     kv.add_argument("--gqa-groups", type=int, default=None,
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `dsv2 kv | head`: the reader went away, nothing to report
+        return 0
     except (ValueError, FileNotFoundError, OSError) as e:  # user errors: one clear line, no traceback
         print(f"dsv2 {args.command}: error: {e}", file=sys.stderr)
         return 2

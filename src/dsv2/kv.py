@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from dsv2.config import ModelConfig
 
 # stored bits per element, scales included where a format has them
@@ -47,6 +49,23 @@ def parse_bits(dtype: str) -> float:
     if not 0 < bits <= 64:
         raise ValueError(f"bits per element must be in (0, 64], got {bits}")
     return bits
+
+
+def cache_bits(cfg: ModelConfig, dtype: str) -> float:
+    """Stored bits per element of a KV dtype for cfg's cache rows, scales included.
+
+    The engine's formats (fp8, int8, int4 with group scales; `mixed` = int4 c_kv + bf16 k_R; a
+    `+rope_bf16` suffix keeps k_R in bf16) are measured from the format itself; other names
+    ('6bit', a number) are nominal bits per element.
+    """
+    from dsv2.engine.quant import CACHE_DTYPES, make_format  # the engine owns the storage formats
+
+    name, rope_bf16 = dtype.removesuffix("+rope_bf16"), dtype.endswith("+rope_bf16")
+    if name in CACHE_DTYPES and name != "auto":
+        split = cfg.kv_lora_rank if cfg.attention_type == "mla" else None
+        fmt = make_format(name, cfg.kv_elements_per_token_per_layer(), torch.bfloat16, split, rope_bf16)
+        return fmt.bits_per_element()
+    return parse_bits(dtype)
 
 
 def kv_rows(cfg: ModelConfig, bits: float, gqa_groups: int | None = None) -> list[KVRow]:
@@ -90,11 +109,12 @@ def report(cfg: ModelConfig, name: str, dtype: str = "bf16", context: int = 4096
            gqa_groups: int | None = None, compare: ModelConfig | None = None, compare_name: str = "",
            compare_dtype: str = "bf16") -> str:
     """The text `dsv2 kv` prints."""
-    bits = parse_bits(dtype)
+    bits = cache_bits(cfg, dtype)
     lines = [f"{name}: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, d_h {cfg.head_dim}"
              + (f", d_c {cfg.kv_lora_rank}, d_R {cfg.qk_rope_head_dim}" if cfg.attention_type == "mla" else
                 f", attention {cfg.attention_type}"),
-             f"KV cache per token at {dtype} ({bits:g} bits/element); per sequence at {context:,} tokens", ""]
+             f"KV cache per token at {dtype} ({bits:.3g} bits/element, scales included); "
+             f"per sequence at {context:,} tokens", ""]
     header = f"{'attention':<18}{'formula':<14}{'elem/layer':>11}{'elem/token':>12}{'bytes/layer':>13}" \
              f"{'bytes/token':>14}{'per sequence':>15}"
     lines += [header, "-" * len(header)]
@@ -113,8 +133,11 @@ def report(cfg: ModelConfig, name: str, dtype: str = "bf16", context: int = 4096
         ref = model_kv_row(compare, parse_bits(compare_dtype))
         lines += ["", f"vs {compare_name} ({compare.attention_type.upper()}, {compare.num_hidden_layers} layers, "
                   f"{ref.elements:,} elements/token at {compare_dtype}: {ref.bytes:,.0f} B/token)"]
-        for label in dict.fromkeys((dtype, "bf16", "fp8", "6bit")):
-            r = model_kv_row(cfg, parse_bits(label))
-            lines.append(f"  {name} at {label:<5} {r.bytes:>10,.0f} B/token  "
+        # nominal 8/6 bits are the paper's figures; fp8 and mixed are the engine's formats with their scales
+        for label in dict.fromkeys((dtype, "bf16", "8bit", "fp8", "6bit", "mixed")):
+            if label == "mixed" and cfg.attention_type != "mla":
+                continue
+            r = model_kv_row(cfg, cache_bits(cfg, label))
+            lines.append(f"  {name} at {label:<6} {r.bytes:>10,.0f} B/token  "
                          f"{100 * (r.bytes / ref.bytes - 1):+.1f}%")
     return "\n".join(lines)
