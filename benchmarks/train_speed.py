@@ -5,8 +5,8 @@
 
 Both models get identical weights (transformers loads the folder dsv2 writes) and run the same step:
 forward under autocast -> cross-entropy (+ dsv2's balance losses, as `dsv2 train` does) -> backward ->
-clip 1.0 -> AdamW (0.9, 0.95), wd 0.1. Rounds alternate between the two models so machine noise hits
-both alike; the best round of each is reported along with the ratio.
+clip 1.0 -> AdamW (0.9, 0.95), wd 0.1. Steps alternate between the two models so machine noise hits
+both alike; tokens/s over the timed steps of each and the ratio are printed.
 """
 
 from __future__ import annotations
@@ -33,27 +33,27 @@ def bench_config(vocab: int = 8192) -> ModelConfig:
         norm_topk_prob=False, aux_loss_alpha=0.001)
 
 
-def run_round(model, step_fn, batches: list[torch.Tensor], warmup: int, dtype: str) -> float:
-    """Tokens/s over len(batches) - warmup timed steps."""
-    opt = build_optimizer(model, 3e-4)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else None
-    t0, n_tok = 0.0, 0
-    for i, rows in enumerate(batches):
-        if i == warmup:
-            t0 = time.perf_counter()
+class Runner:
+    """One model + its AdamW; `step(rows)` runs one timed training step and returns its seconds."""
+
+    def __init__(self, model, loss_fn, dtype: str) -> None:
+        self.model, self.loss_fn, self.dtype = model, loss_fn, dtype
+        self.model.train()
+        self.opt = build_optimizer(model, 3e-4)
+        self.times: list[float] = []
+
+    def step(self, rows: torch.Tensor) -> float:
         ids, tgt = rows[:, :-1], rows[:, 1:]
-        if ctx is not None:
-            with ctx():
-                loss = step_fn(model, ids, tgt)
-        else:
-            loss = step_fn(model, ids, tgt)
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+            loss = self.loss_fn(self.model, ids, tgt)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            n_tok += ids.numel()
-    return n_tok / (time.perf_counter() - t0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        self.times.append(dt)
+        return dt
 
 
 def dsv2_step(model, ids, tgt):
@@ -74,9 +74,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per model")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
+    ap.add_argument("--no-aux", action="store_true", help="dsv2 without its balance losses (like transformers)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
@@ -92,29 +92,31 @@ def main() -> None:
     ref = DeepseekV2(cfg, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        load = {
-            "dsv2": lambda: DeepseekV2.from_pretrained(tmp, dtype=torch.float32),
-            "transformers": lambda: transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32),
-        }
-        steps = {"dsv2": dsv2_step, "dsv2 (no aux)": dsv2_step_noaux, "transformers": hf_step}
-        results: dict[str, list[float]] = {k: [] for k in steps}
-        for r in range(a.rounds):
-            for name, fn in steps.items():
-                model = load["transformers" if name == "transformers" else "dsv2"]()
-                model.train()
-                results[name].append(run_round(model, fn, batches, a.warmup, a.dtype))
-                print(f"round {r + 1} {name:<14} {results[name][-1]:8.0f} tok/s", flush=True)
-                del model
-    n = cfg.num_parameters()
-    print(f"\nconfig: {n / 1e6:.1f}M params, MLA q_lora {cfg.q_lora_rank}, {cfg.n_shared_experts} shared + "
-          f"{cfg.n_routed_experts} routed experts top-{cfg.num_experts_per_tok}, batch {a.batch_size} x "
-          f"{a.seq_len}, {a.dtype} {'autocast' if a.dtype == 'bf16' else ''}, AdamW, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
-    best = {k: max(v) for k, v in results.items()}
-    for k, v in results.items():
-        print(f"  {k:<14} best {best[k]:8.0f} tok/s  (median {statistics.median(v):.0f})")
-    print(f"ratio dsv2 / transformers: {best['dsv2'] / best['transformers']:.2f}x "
-          f"(without the balance losses: {best['dsv2 (no aux)'] / best['transformers']:.2f}x)")
+        runners = {"dsv2": Runner(DeepseekV2.from_pretrained(tmp, dtype=torch.float32),
+                                  dsv2_step_noaux if a.no_aux else dsv2_step, a.dtype),
+                   "transformers": Runner(transformers.AutoModelForCausalLM.from_pretrained(
+                       tmp, dtype=torch.float32), hf_step, a.dtype)}
+    # steps alternate between the two models (order flipped every step), so load from other
+    # processes on a shared machine lands on both alike
+    names = list(runners)
+    for i, rows in enumerate(batches):
+        order = names if i % 2 == 0 else names[::-1]
+        line = []
+        for name in order:
+            dt = runners[name].step(rows)
+            line.append(f"{name} {rows[:, 1:].numel() / dt:7.0f} tok/s")
+        tag = "warm-up" if i < a.warmup else "timed"
+        print(f"step {i + 1} ({tag}): " + ", ".join(line), flush=True)
+    n_tok = a.batch_size * a.seq_len * a.steps
+    tok_s = {k: n_tok / sum(r.times[a.warmup:]) for k, r in runners.items()}
+    print(f"\nconfig: {cfg.num_parameters() / 1e6:.1f}M params, MLA q_lora {cfg.q_lora_rank}, "
+          f"{cfg.n_shared_experts} shared + {cfg.n_routed_experts} routed experts top-{cfg.num_experts_per_tok}, "
+          f"batch {a.batch_size} x {a.seq_len}, {a.dtype}{' autocast' if a.dtype == 'bf16' else ''}, AdamW, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}"
+          f"{', dsv2 without balance losses' if a.no_aux else ', dsv2 loss includes its balance losses'}")
+    for k, v in tok_s.items():
+        print(f"  {k:<13} {v:8.0f} tok/s  (median step {statistics.median(runners[k].times[a.warmup:]):.2f}s)")
+    print(f"ratio dsv2 / transformers: {tok_s['dsv2'] / tok_s['transformers']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,17 @@ def build_parser(prog: str = "dsv2 train") -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--peak-tflops", type=float, default=None, metavar="TF",
                    help="hardware peak for the MFU estimate (default: a rough guess for the device)")
+    g = p.add_argument_group("distributed (see docs/distributed.md)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N local processes: re-launches itself under torchrun "
+                        "(python -m torch.distributed.run --nproc_per_node N -m dsv2.train ...)")
+    g.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"], default=d.parallel,
+                   help="data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded "
+                        "weights/grads/optimizer state); auto = ddp when several processes (default: %(default)s)")
+    g.add_argument("--expert-parallel", action="store_true",
+                   help="shard the routed experts over the processes (E / world_size each) with all-to-all "
+                        "token dispatch; needs n_group to be a multiple of the number of processes")
+    g = p.add_argument_group("output (cont.)")
     g.add_argument("--stop-at", type=int, default=None, metavar="N",
                    help="stop (with a checkpoint) after step N of --steps, keeping the --steps schedule; "
                         "continue later with --resume")
@@ -134,15 +145,18 @@ def build_parser(prog: str = "dsv2 train") -> argparse.ArgumentParser:
 def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
     kw = vars(ns).copy()
     kw["override"] = dict(kw.get("override") or [])
+    kw.pop("nproc", None)
     return TrainArgs(**kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv2 train`. Returns 0 on success, 2 on bad input (before training), 130 on ^C."""
+    from dsv2.parallel import maybe_launch
     from dsv2.train.ckpt import ResumeError
     from dsv2.train.data import DataError
     from dsv2.train.trainer import TrainError, prepare, train
 
+    argv = maybe_launch(sys.argv[1:] if argv is None else argv, module="dsv2.train")  # --nproc N -> torchrun
     ns = build_parser().parse_args(argv)
     try:
         prep = prepare(args_from_namespace(ns))

@@ -25,7 +25,7 @@ from dsv2.config import ConfigError, ModelConfig
 from dsv2.train import ckpt, data, metrics, optim
 
 LOG_KEYS = ("loss", "aux_loss", "expert_loss", "device_loss", "comm_loss", "load_max_mean", "load_entropy",
-            "dropped_frac", "grad_norm", "lr")
+            "dropped_frac", "grad_norm", "lr", "a2a_MB")
 
 
 class TrainError(ValueError):
@@ -75,6 +75,8 @@ class TrainArgs:
     progress: bool = True
     peak_tflops: float | None = None
     stop_at: int | None = None
+    parallel: str = "auto"  # none | ddp | fsdp | auto (ddp when several processes)
+    expert_parallel: bool = False
 
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else min(100, self.steps // 10)
@@ -261,56 +263,74 @@ def _set_rng_state(s: dict[str, Any], drop_gen: torch.Generator) -> None:
 
 def train(p: Prepared) -> dict[str, Any]:
     """Run the training loop; returns the final summary (also written to OUT/summary.json)."""
+    from dsv2 import parallel
     from dsv2.model import DeepseekV2  # imported late: data/flag errors must not wait for torch modules
 
-    a, cfg, dev = p.args, p.cfg, p.device
+    a, cfg = p.args, p.cfg
+    pctx = parallel.init_distributed(p.device)
+    dev = pctx.device
+    main = pctx.is_main
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     drop_gen = torch.Generator().manual_seed(a.seed + 1)
-    ckpt.clean_stale_temps(p.out)
+    if main:
+        ckpt.clean_stale_temps(p.out)
     if p.resume_dir is not None:
         model = DeepseekV2.from_pretrained(p.resume_dir, dtype=torch.float32, device=dev)
     else:
         model = DeepseekV2(cfg, device=dev, dtype=torch.float32)
     model.train()
+    n_total, n_active = metrics.active_params(model, cfg)  # before sharding: the logical model
+    fpt = metrics.flops_per_token(model, cfg, a.seq_len)
+    mode = a.parallel if a.parallel != "auto" else ("ddp" if pctx.world_size > 1 else "none")
+    model, pctx = parallel.setup(model, mode=mode, expert_parallel=a.expert_parallel, ctx=pctx)
     opt = optim.build_optimizer(model, a.lr, a.weight_decay)
     sampler = data.BatchSampler(p.packed.train.shape[0], a.batch_size * a.grad_accum, a.seed)
     history: list[dict[str, Any]] = []
     step, tokens_seen, train_time = 0, 0, 0.0
     if p.resume_dir is not None:
         state = ckpt.load_state(p.resume_dir)
-        opt.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state_dict(model, opt, state["optimizer"], pctx)
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"], drop_gen)
         history, step = state["history"], state["step"]
         tokens_seen, train_time = state["tokens_seen"], state["train_time"]
-    n_total, n_active = metrics.active_params(model, cfg)
-    fpt = metrics.flops_per_token(model, cfg, a.seq_len)
     metrics_path = p.out / "metrics.jsonl"
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-    log_f = open(metrics_path, "a", buffering=1)  # noqa: SIM115 (closed in finally)
+    if main:
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    log_f = open(metrics_path if main else os.devnull, "a", buffering=1)  # noqa: SIM115 (closed in finally)
     tokens_per_step = a.batch_size * a.grad_accum * a.seq_len
     warmup, last_saved = a.warmup_steps(), step
     final_eval: dict[str, float] = {}
 
-    def save(at: int) -> Path:
+    def save(at: int) -> Path | None:
+        plain = parallel.export_model(model, pctx)  # collectives: every rank takes part
+        opt_state = parallel.optimizer_state_dict(model, opt, pctx)
+        if not main:
+            pctx.barrier()
+            return None
+
         def write(folder: Path) -> None:
-            model.save_pretrained(folder)
+            plain.save_pretrained(folder)
             data.save_tokenizer(p.tok, folder)
             ckpt.save_state(folder, {
-                "step": at, "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
+                "step": at, "optimizer": opt_state, "sampler": sampler.state_dict(),
                 "rng": _rng_state(drop_gen), "history": history, "tokens_seen": tokens_seen,
                 "train_time": train_time})
             ckpt.write_json(folder / ckpt.ARGS_FILE, {**dataclasses.asdict(a),
                                                       "data_fingerprint": p.packed.fingerprint})
-        return ckpt.save_checkpoint(p.out, at, write, keep=a.keep)
+        folder = ckpt.save_checkpoint(p.out, at, write, keep=a.keep)
+        pctx.barrier()
+        return folder
 
-    bar = _progress(a, step)
-    print(f"dsv2 train: {cfg.attention_type}{'' if cfg.is_moe else ' dense'} model, {n_total / 1e6:.2f}M "
-          f"params ({n_active / 1e6:.2f}M active/token), {p.packed.train.shape[0]} train / "
-          f"{p.packed.val.shape[0]} val sequences of {a.seq_len} tokens, {a.steps} steps on {dev}"
-          f"{' (resuming at step %d)' % step if step else ''}", file=sys.stderr)
+    bar = _progress(a, step) if main else None
+    par = f", {pctx.world_size} processes ({mode}{' + expert parallel' if a.expert_parallel else ''})" \
+        if pctx.world_size > 1 else ""
+    pctx.log(f"dsv2 train: {cfg.attention_type}{'' if cfg.is_moe else ' dense'} model, {n_total / 1e6:.2f}M "
+             f"params ({n_active / 1e6:.2f}M active/token), {p.packed.train.shape[0]} train / "
+             f"{p.packed.val.shape[0]} val sequences of {a.seq_len} tokens, {a.steps} steps on {dev}"
+             f"{par}{f' (resuming at step {step})' if step else ''}")
     stop = a.stop_at or a.steps
     interrupted = False
     try:
@@ -320,7 +340,7 @@ def train(p: Prepared) -> dict[str, Any]:
                              min_lr_ratio=a.min_lr_ratio)
             optim.set_lr(opt, lr)
             rows = p.packed.train[sampler.next_indices()]  # (B*accum, T+1)
-            rec = _train_step(model, opt, rows, a, dev, drop_gen)
+            rec = _train_step(model, opt, rows, a, dev, drop_gen, pctx)
             dt = time.perf_counter() - t0
             step += 1
             tokens_seen += tokens_per_step
@@ -332,7 +352,8 @@ def train(p: Prepared) -> dict[str, Any]:
                 final_eval = {k: rec[k] for k in ("val_loss", "val_bpb")}
             history.append(rec)
             log_f.write(json.dumps(rec) + "\n")
-            _report(bar, rec, a, step)
+            if main:
+                _report(bar, rec, a, step)
             if (a.save_every and step % a.save_every == 0) or step == a.steps:
                 save(step)
                 last_saved = step
@@ -347,6 +368,8 @@ def train(p: Prepared) -> dict[str, Any]:
         log_f.close()
         if bar is not None:
             bar.close()
+    if not main:
+        return {"steps": step, "interrupted": interrupted or step < a.steps}
     metrics.plot_curves(history, p.out / "loss_curve.png",
                         f"dsv2 {cfg.attention_type}{' MoE' if cfg.is_moe else ''}, {n_total / 1e6:.1f}M params")
     tok_s = tokens_seen / max(train_time, 1e-9)
@@ -362,20 +385,29 @@ def train(p: Prepared) -> dict[str, Any]:
 
 
 def _train_step(model, opt, rows: torch.Tensor, a: TrainArgs, dev: torch.device,
-                drop_gen: torch.Generator) -> dict[str, float]:
+                drop_gen: torch.Generator, pctx) -> dict[str, float]:
     """One optimizer step over grad_accum micro-batches of batch_size rows; returns the step's stats."""
     acc: dict[str, float] = {}
     loads = []
     is_moe = model.config.is_moe
-    for micro in rows.split(a.batch_size):
-        micro = micro.to(dev)
+    from dsv2 import parallel
+
+    micros = rows.split(a.batch_size)
+    for i, micro in enumerate(micros):
+        # the same global micro-batch (and exempt draw) for any number of processes; each keeps its slice
+        exempt = torch.rand(micro.shape[0], generator=drop_gen) < a.drop_exempt_frac  # (B,)
+        micro, exempt = pctx.shard_batch(micro).to(dev), pctx.shard_batch(exempt).to(dev)
         ids, tgt = micro[:, :-1], micro[:, 1:]  # (B,T)
-        exempt = (torch.rand(ids.shape[0], generator=drop_gen) < a.drop_exempt_frac).to(dev)  # (B,)
-        with _autocast(dev, a.dtype):
-            logits, aux = model(ids, return_aux=True, capacity_factor=a.capacity_factor, drop_exempt=exempt)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
-        loss = ce + aux["aux_loss"] if is_moe else ce
-        (loss / a.grad_accum).backward()
+        no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce only on the last micro-batch
+        sync = no_sync() if no_sync is not None and i < len(micros) - 1 else contextlib.nullcontext()
+        with sync:
+            with _autocast(dev, a.dtype):
+                logits, aux = model(ids, return_aux=True, capacity_factor=a.capacity_factor,
+                                    drop_exempt=exempt)
+            aux = parallel.adjust_aux(model, aux)  # expert parallel: device/comm losses over real ranks
+            ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+            loss = ce + aux["aux_loss"] if is_moe else ce
+            (loss / a.grad_accum).backward()
         vals = {"loss": ce.item()}
         if is_moe:
             vals.update({k: float(aux[k].detach()) for k in ("aux_loss", "expert_loss", "device_loss", "comm_loss",
@@ -384,11 +416,19 @@ def _train_step(model, opt, rows: torch.Tensor, a: TrainArgs, dev: torch.device,
         for k, v in vals.items():
             acc[k] = acc.get(k, 0.0) + v / a.grad_accum
     if a.grad_clip > 0:
-        acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip))
+        acc["grad_norm"] = parallel.clip_grad_norm_(model, a.grad_clip, pctx)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if pctx.world_size > 1:  # one all-reduce for all logged scalars: the mean over ranks
+        keys = sorted(k for k in acc if k != "grad_norm")
+        vals = pctx.sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64)) / pctx.world_size
+        acc.update(zip(keys, vals.tolist()))
     if loads:
-        acc.update(metrics.load_stats(torch.stack(loads).sum(0)))
+        acc.update(metrics.load_stats(pctx.sum(torch.stack(loads).sum(0))))
+    ep = parallel.gather_stats(model, pctx)  # expert parallel: per-rank load and all-to-all volume
+    if ep is not None:
+        acc["a2a_MB"] = float(ep["a2a_bytes"].sum()) / 1e6
+        acc["rank_load"] = ep["rank_load"].tolist()
     return acc
 
 
