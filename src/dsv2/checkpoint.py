@@ -88,6 +88,7 @@ def save_pretrained(model: DeepseekV2, path: str | Path, max_shard_size: int | s
     limit = parse_size(max_shard_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published checkpoint private
     try:
         tensors = [(k, t.detach().contiguous().cpu()) for k, t in to_hub_state_dict(model, dtype)]
         shards: list[dict[str, torch.Tensor]] = [{}]

@@ -54,20 +54,20 @@ def route(logits: torch.Tensor, top_k: int, method: str = "greedy", n_group: int
 # ---- balance losses (per sequence of T tokens, averaged over the B sequences) ------------------
 def _counts(idx: torch.Tensor, n: int) -> torch.Tensor:
     """(B, T, K) indices -> (B, n) number of (token, slot) picks of each index."""
-    return F.one_hot(idx, n).sum(dim=(1, 2)).float()
+    return F.one_hot(idx, n).sum(dim=(1, 2))
 
 
 def expert_balance_loss(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Σ_i f_i P_i with f_i = E/(K T) Σ_t 1[t picks i], P_i = mean_t s_i,t. scores (B,T,E), idx (B,T,K)."""
     b, t, e = scores.shape
-    f = _counts(idx, e) * e / (idx.shape[-1] * t)  # (B,E)
+    f = _counts(idx, e).to(scores.dtype) * e / (idx.shape[-1] * t)  # (B,E)
     return (f * scores.mean(dim=1)).sum(dim=-1).mean()
 
 
 def device_balance_loss(scores: torch.Tensor, idx: torch.Tensor, n_group: int) -> torch.Tensor:
     """Σ_d f'_d P'_d, f'_d = mean of f_i over the experts of device d, P'_d = Σ of their P_i."""
     b, t, e = scores.shape
-    f = _counts(idx, e) * e / (idx.shape[-1] * t)  # (B,E)
+    f = _counts(idx, e).to(scores.dtype) * e / (idx.shape[-1] * t)  # (B,E)
     f_dev = f.view(b, n_group, e // n_group).mean(dim=-1)  # (B,G)
     p_dev = scores.mean(dim=1).view(b, n_group, e // n_group).sum(dim=-1)  # (B,G)
     return (f_dev * p_dev).sum(dim=-1).mean()
@@ -77,7 +77,7 @@ def comm_balance_loss(scores: torch.Tensor, idx: torch.Tensor, n_group: int, top
     """Σ_d f''_d P''_d, f''_d = G/(M T) Σ_t 1[t sends to device d], P''_d = Σ_{i on d} P_i."""
     b, t, e = scores.shape
     dev = idx // (e // n_group)  # (B,T,K)
-    sent = F.one_hot(dev, n_group).amax(dim=2).float()  # (B,T,G): token t reaches device d
+    sent = F.one_hot(dev, n_group).amax(dim=2).to(scores.dtype)  # (B,T,G): token t reaches device d
     f = sent.sum(dim=1) * n_group / (topk_group * t)  # (B,G)
     p_dev = scores.mean(dim=1).view(b, n_group, e // n_group).sum(dim=-1)  # (B,G)
     return (f * p_dev).sum(dim=-1).mean()
@@ -195,7 +195,7 @@ class MoE(nn.Module):
         flat = x.reshape(b * t, d)  # (N,D)
         r = self.route(flat)
         keep = None
-        if capacity_factor is not None:
+        if capacity_factor is not None and self.training:  # token dropping never happens at evaluation
             exempt = None if drop_exempt is None else drop_exempt.repeat_interleave(t)
             keep = drop_tokens(r, self.cfg.n_group or 1, capacity_factor, exempt)
         self.last_routing, self.last_keep = (r, keep) if keep_routing else (None, None)
