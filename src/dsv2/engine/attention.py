@@ -11,6 +11,8 @@ AVX512-BF16 are several times slower than converting and running fp32 GEMMs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 import torch
 
 from dsv2.engine.cache import PagedCache, SeqSlots
@@ -94,21 +96,13 @@ def latent_decode(q: torch.Tensor, chunks: list[torch.Tensor], c: int, scale: fl
         k = chunks[0].float() if upcast else chunks[0]
         p = (q.to(k.dtype) @ k.T).float().mul_(scale).softmax(dim=-1)  # (H,S)
         return p.to(k.dtype) @ k[:, :c]  # (H,C)
-    m = l_sum = acc = None
-    for k in chunks:
-        k = k.float() if upcast else k
-        s = (q.to(k.dtype) @ k.T).float().mul_(scale)  # (H,n)
-        m_new = s.amax(dim=-1, keepdim=True) if m is None else torch.maximum(m, s.amax(dim=-1, keepdim=True))
-        p = (s - m_new).exp_()
-        o = (p.to(k.dtype) @ k[:, :c]).float()  # (H,C)
-        if m is None:
-            l_sum, acc = p.sum(dim=-1, keepdim=True), o
-        else:
-            alpha = (m - m_new).exp_()
-            l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + o
-        m = m_new
-    return acc / l_sum
+    def pieces() -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
+        for k in chunks:
+            k = k.float() if upcast else k
+            s = (q.to(k.dtype) @ k.T).float().mul_(scale)  # (H,n)
+            yield s, lambda p, k=k: p.to(k.dtype) @ k[:, :c]  # (H,C)
+
+    return online_softmax(pieces())
 
 
 def grouped_decode(q: torch.Tensor, chunks: list[torch.Tensor], n_kv: int, scale: float,
@@ -117,15 +111,28 @@ def grouped_decode(q: torch.Tensor, chunks: list[torch.Tensor], n_kv: int, scale
     h, dh = q.shape
     qg = q.view(n_kv, h // n_kv, dh)  # (Hkv,G,Dh)
     half = n_kv * dh
+
+    def pieces() -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
+        for rows in chunks:
+            rows = rows.float() if upcast else rows
+            k = rows[:, :half].unflatten(-1, (n_kv, dh)).permute(1, 2, 0)  # (Hkv,Dh,n)
+            v = rows[:, half:].unflatten(-1, (n_kv, dh)).transpose(0, 1)  # (Hkv,n,Dh)
+            s = torch.bmm(qg.to(k.dtype), k).float().mul_(scale)  # (Hkv,G,n)
+            yield s, lambda p, v=v: torch.bmm(p.to(v.dtype), v)  # (Hkv,G,Dh)
+
+    return online_softmax(pieces()).view(h, dh)
+
+
+def online_softmax(pieces: Iterable[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]) -> torch.Tensor:
+    """softmax(s) @ V over key chunks, merged flash-decoding style (running max and sum).
+
+    Each piece is (scores (..., n) fp32 already scaled, p -> p @ V_chunk (..., Dv)); returns (..., Dv) fp32.
+    """
     m = l_sum = acc = None
-    for rows in chunks:
-        rows = rows.float() if upcast else rows
-        k = rows[:, :half].unflatten(-1, (n_kv, dh)).permute(1, 2, 0)  # (Hkv,Dh,n)
-        v = rows[:, half:].unflatten(-1, (n_kv, dh)).transpose(0, 1)  # (Hkv,n,Dh)
-        s = torch.bmm(qg.to(k.dtype), k).float().mul_(scale)  # (Hkv,G,n)
+    for s, attend in pieces:
         m_new = s.amax(dim=-1, keepdim=True) if m is None else torch.maximum(m, s.amax(dim=-1, keepdim=True))
         p = (s - m_new).exp_()
-        o = torch.bmm(p.to(v.dtype), v).float()  # (Hkv,G,Dh)
+        o = attend(p).float()
         if m is None:
             l_sum, acc = p.sum(dim=-1, keepdim=True), o
         else:
@@ -133,7 +140,7 @@ def grouped_decode(q: torch.Tensor, chunks: list[torch.Tensor], n_kv: int, scale
             l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
             acc = acc * alpha + o
         m = m_new
-    return (acc / l_sum).view(h, dh)
+    return acc / l_sum
 
 
 def decode_chunks(cache: PagedCache, layer: int, seq: SeqSlots, length: int, chunk: int) -> list[torch.Tensor]:
