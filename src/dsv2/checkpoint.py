@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from dsv2.config import ModelConfig
 from dsv2.model import DeepseekV2
+from dsv2.units import parse_bytes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,15 +36,8 @@ class CheckpointError(ValueError):
 
 
 def parse_size(size: int | str) -> int:
-    """'4GB', '500MiB', 1024 -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", size, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot parse size {size!r}; use e.g. '4GB', '512MiB' or a byte count")
-    base = 1024 if m.group(3) else 1000
-    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * base**power)
+    """A shard size limit: '4GB', '500MiB', 1024 -> bytes."""
+    return parse_bytes(size, "max_shard_size")
 
 
 # ---- names ------------------------------------------------------------------------------------

@@ -14,16 +14,13 @@ contiguity means its rows are one zero-copy slice of the pool, so decode reads t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from dsv2 import units
 from dsv2.config import ModelConfig
 from dsv2.engine.quant import KVFormat, make_format
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 class CacheError(RuntimeError):
@@ -31,18 +28,8 @@ class CacheError(RuntimeError):
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """'4GiB', '512MiB', '2GB', '1e9', 1000 -> bytes."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        if text <= 0:
-            raise ValueError(f"kv_memory must be > 0 bytes, got {text}")
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"kv_memory must look like '4GiB', '512MiB', '2GB' or a byte count, got {text!r}")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise ValueError(f"kv_memory must be > 0 bytes, got {text!r}")
-    return n
+    """A kv_memory budget: '4GiB', '512MiB', '2GB', '1e9', 1000 -> bytes."""
+    return units.parse_bytes(text, "kv_memory")
 
 
 class BlockAllocator:
