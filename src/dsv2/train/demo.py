@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p, o in zip(PROMPTS, outs):
         print(f"\n>>> {p}{tok.decode(o)}")
     print(f"\ndemo done in {time.time() - t0:.0f}s; val bits/byte {summary.get('val_bpb', float('nan')):.3f}; "
-          f"checkpoint {folder} (try: dsv2 generate {folder})")
+          f"checkpoint {folder} (try: dsv2 generate --model {folder} --prompt 'The class')")
     return 0
 
 
