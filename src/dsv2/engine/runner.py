@@ -14,12 +14,11 @@ modules (`attend_absorbed` / `attend_expanded`): the references the fast path is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dsv2.engine.attention import BatchView, SequenceView, decode_chunks, grouped_decode, latent_decode
 from dsv2.engine.cache import PagedCache, SeqSlots
 from dsv2.model import MLA, DeepseekV2
-from dsv2.model.layers import MLP, native_low_precision
+from dsv2.model.layers import native_low_precision
 
 DECODE_IMPLS = ("fast", "absorbed", "expanded")
 
@@ -37,10 +36,9 @@ class ModelRunner:
         self.prefill_chunk, self.decode_impl = prefill_chunk, decode_impl
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
-        # CPU without native bf16 GEMMs: do the attention math in fp32 over upcast chunks. One row at a
-        # time (batch-1 decode) the bf16 GEMV is fine and reads half the bytes of the model's fp32 copies.
+        # CPU without native bf16 GEMMs: do the attention math in fp32 over upcast chunks (the model's
+        # Linear layers apply the same policy to the projections, and keep one-row GEMVs in bf16).
         self.upcast = not native_low_precision(self.device, self.dtype)
-        self.gemv_native = self.upcast
         # chunk rows so that one upcast chunk (~2 MiB of fp32) stays in L2: MLA 910 rows, MHA 4096 wide 256
         self.decode_chunk = decode_chunk or (max(256, (1 << 19) // cache.width) if self.upcast else 1 << 30)
         self.mla = self.cfg.attention_type == "mla"
@@ -66,7 +64,7 @@ class ModelRunner:
             hidden = self.model.forward_hidden(ids, pos, cache=view, attn_impl="expanded")  # (1,T,D)
             seq.length = start + len(piece)
         assert hidden is not None, "prefill needs at least one new token"
-        return self._linear(self.model.lm_head, hidden[0, -1:])[0]  # (V,)
+        return self.model.lm_head(hidden[0, -1:])[0]  # (V,)
 
     # ---- decode ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -83,7 +81,7 @@ class ModelRunner:
             hidden = self._decode_hidden(ids, pos, seqs, starts)
         for s in seqs:
             s.length += 1
-        return self._linear(self.model.lm_head, hidden[:, -1])  # (B,V)
+        return self.model.lm_head(hidden[:, -1])  # (B,V)
 
     def _decode_hidden(self, ids: torch.Tensor, pos: torch.Tensor, seqs: list[SeqSlots],
                        starts: list[int]) -> torch.Tensor:
@@ -97,20 +95,9 @@ class ModelRunner:
             attn = layer.self_attn
             o = self._mla(i, attn, h, cos, sin, seqs, slots) if self.mla else \
                 self._gqa(i, attn, h, cos, sin, seqs, slots)
-            x = x + self._linear(attn.o_proj, o)
-            h = layer.post_attention_layernorm(x)
-            if isinstance(layer.mlp, MLP):
-                mlp, lin = layer.mlp, self._linear
-                x = x + lin(mlp.down_proj, F.silu(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
-            else:
-                x = x + layer.mlp(h)
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
         return m.norm(x)
-
-    def _linear(self, mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """mod(x), but a single row on a CPU without native bf16 GEMM uses the stored bf16 weight."""
-        if self.gemv_native and x.numel() == x.shape[-1]:
-            return F.linear(x, mod.weight, mod.bias)
-        return mod(x)
 
     def _mla(self, i: int, attn: MLA, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              seqs: list[SeqSlots], slots: torch.Tensor) -> torch.Tensor:

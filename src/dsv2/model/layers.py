@@ -60,6 +60,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Under CPU autocast the result has autocast's dtype, as F.linear's would.
     """
+    if x.numel() == x.shape[-1] and x.dtype == weight.dtype and not torch.is_grad_enabled():
+        # one row (decode): a low-precision GEMV is not on the slow path and reads half the bytes
+        return F.linear(x, weight, bias)
     w = compute_weight(weight, owner, slot)
     out_dtype = x.dtype
     autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
