@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -25,6 +26,11 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:

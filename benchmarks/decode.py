@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
-import statistics
 import time
 
 import torch
 
+from _common import peak_rss_gib, timeit
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine
 from dsv2.model import DeepseekV2
@@ -32,21 +31,6 @@ def lite_shape(layers: int = 2, attention_type: str = "mla") -> ModelConfig:
     # every layer dense: first_k_dense_replace = layers (transformers needs the MoE fields set)
     return ModelConfig.from_preset("deepseek-v2-lite", num_hidden_layers=layers, first_k_dense_replace=layers,
                                    attention_type=attention_type)
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def timed(fn, steps: int) -> float:
-    """Median seconds of `steps` calls after one warm-up call."""
-    fn()
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def timed_rounds(fns: dict[str, tuple[object, int]]) -> dict[str, float]:
@@ -67,14 +51,14 @@ def timed_rounds(fns: dict[str, tuple[object, int]]) -> dict[str, float]:
 def machine_roofline() -> tuple[float, float]:
     """(best GEMM FLOP/s of fp32 / bf16, best memory read bytes/s of a sum / a bf16 GEMV), measured now."""
     a = torch.randn(2048, 2048)
-    flops = 2 * 2048**3 / timed(lambda: a @ a, 5)
+    flops = 2 * 2048**3 / timeit(lambda: a @ a, repeat=5)
     xb, wb = torch.randn(1024, 2048, dtype=torch.bfloat16), torch.randn(4096, 2048, dtype=torch.bfloat16)
-    flops = max(flops, 2 * 1024 * 2048 * 4096 / timed(lambda: torch.nn.functional.linear(xb, wb), 3))
+    flops = max(flops, 2 * 1024 * 2048 * 4096 / timeit(lambda: torch.nn.functional.linear(xb, wb), repeat=3))
     big = torch.randn(128 * 2**20)  # 512 MiB: far past every cache level
-    bw = big.numel() * 4 / timed(lambda: big.sum(), 5)
+    bw = big.numel() * 4 / timeit(lambda: big.sum(), repeat=5)
     wv = torch.randn(16384, 8192, dtype=torch.bfloat16)  # 256 MiB GEMV: what decode actually does
     xv = torch.randn(1, 8192, dtype=torch.bfloat16)
-    bw = max(bw, wv.numel() * 2 / timed(lambda: torch.nn.functional.linear(xv, wv), 5))
+    bw = max(bw, wv.numel() * 2 / timeit(lambda: torch.nn.functional.linear(xv, wv), repeat=5))
     return flops, bw
 
 

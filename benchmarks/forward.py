@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true", help="time dsv2 only")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--logits", choices=("last", "full", "both"), default="both",
+                    help="next-token logits only, logits at every position, or both (default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -46,9 +48,10 @@ def main() -> None:
     print(f"config: V2-Lite shapes, {args.layers} layers ({'MoE' if args.moe else 'dense'}), {args.dtype}, "
           f"{args.tokens} tokens, batch 1")
     hf = None if args.skip_hf else transformers_twin(model, dtype)
+    modes = ("last", "full") if args.logits == "both" else (args.logits,)
     results: dict[tuple[str, str], float] = {}
     with torch.inference_mode():
-        for mode in ("last", "full"):
+        for mode in modes:
             def ours(mode: str = mode) -> None:
                 h = model.forward_hidden(ids)
                 model.lm_head(h[:, -1:] if mode == "last" else h)
@@ -64,7 +67,7 @@ def main() -> None:
                     t = timeit(fn, repeat=1, warmup=0)
                     results[(name, mode)] = min(t, results.get((name, mode), float("inf")))
     print(f"\n{'logits':<10}{'dsv2 tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}")
-    for mode in ("last", "full"):
+    for mode in modes:
         ours_tps = args.tokens / results[("dsv2", mode)]
         line = f"{mode:<10}{ours_tps:>12,.0f}"
         if hf is not None:

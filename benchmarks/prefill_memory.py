@@ -11,17 +11,13 @@ copies a CPU without native bf16 uses), and after the long prefill.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
 
+from _common import peak_rss_gib
 from dsv2 import DeepseekV2, ModelConfig
 from dsv2.engine import Engine, SamplingParams
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def main() -> None:
