@@ -29,8 +29,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = DeepseekV2(cfg, dtype=torch.bfloat16).eval()
     print(f"weights: peak RSS {peak_rss_gib():.2f} GiB", flush=True)
-    engine = Engine(model, max_tokens=args.tokens + 64, prefill_chunk=args.prefill_chunk)
-    cache_mib = engine.cache.bytes_per_token * (args.tokens + 64) / 2**20
+    engine = Engine(model, max_tokens=max(args.tokens, 600) + 64, prefill_chunk=args.prefill_chunk)
+    cache_mib = engine.cache.bytes_per_token * (max(args.tokens, 600) + 64) / 2**20
     print(f"engine + cache ({cache_mib:.1f} MiB): peak RSS {peak_rss_gib():.2f} GiB", flush=True)
     engine.generate([torch.randint(0, cfg.vocab_size, (600,)).tolist()], SamplingParams(max_new_tokens=2))
     base = peak_rss_gib()
