@@ -113,8 +113,8 @@ class DeepseekV2(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (B, T, V); with return_aux also the MoE balance losses and routing statistics.
 
-        capacity_factor (training) turns on device-level token dropping; drop_exempt (B,) bool marks
-        sequences that are never dropped.
+        capacity_factor turns on device-level token dropping in training mode (never in eval mode);
+        drop_exempt (B,) bool marks sequences that are never dropped.
         """
         moe_kwargs: dict[str, Any] = {}
         if self.config.is_moe:
