@@ -42,13 +42,6 @@ class ModelRunner:
         # chunk rows so that one upcast chunk (~2 MiB of fp32) stays in L2: MLA 910 rows, MHA 4096 wide 256
         self.decode_chunk = decode_chunk or (max(256, (1 << 19) // cache.width) if self.upcast else 1 << 30)
         self.mla = self.cfg.attention_type == "mla"
-        self._absorbed: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if self.mla:
-            wdt = torch.float32 if self.upcast else self.dtype
-            for layer in model.layers:
-                a: MLA = layer.self_attn
-                self._absorbed.append((a.w_uk.to(wdt).contiguous(),  # (H,Dn,C)
-                                       a.w_uv.transpose(1, 2).to(wdt).contiguous()))  # (H,C,Dv)
 
     # ---- prefill -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -105,7 +98,7 @@ class ModelRunner:
         q_nope, q_pe = attn.project_q(h, cos, sin)  # (B,1,H,Dn), (B,1,H,R)
         c_kv, k_pe = attn.project_kv(h, cos, sin)  # (B,1,C), (B,1,R)
         self.cache.write(i, slots, torch.cat((c_kv, k_pe), dim=-1)[:, 0])  # (B,C+R)
-        w_uk, w_uv_t = self._absorbed[i]
+        w_uk, w_uv_t = attn.absorbed_weights()  # cached by the module while kv_b_proj is unchanged
         hh, c = w_uk.shape[0], w_uk.shape[2]
         q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1).to(w_uk.dtype), w_uk)  # (H,B,C)
         q_full = torch.cat((q_lat, q_pe[:, 0].transpose(0, 1).to(w_uk.dtype)), dim=-1)  # (H,B,C+R)

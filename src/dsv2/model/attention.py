@@ -102,7 +102,7 @@ class MLA(nn.Module):
         """(H, Dv, C): the value up-projection of each head."""
         return self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))[:, self.d_nope :]
 
-    def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous (H,Dn,C) W_UK and (H,C,Dv) W_UVᵀ; cached while kv_b_proj is unchanged."""
         w = self.kv_b_proj.weight
         if torch.is_grad_enabled() and w.requires_grad:
@@ -136,7 +136,7 @@ class MLA(nn.Module):
         """Attend over the latent directly: nothing per head is built for the S keys. Returns (B,T,H*Dv)."""
         b, t, h, _ = q_nope.shape
         s = c_kv.shape[1]
-        w_uk, w_uv_t = self._absorb_weights()
+        w_uk, w_uv_t = self.absorbed_weights()
         # q_lat = W_UKᵀ q_nope per head: (H, B*T, Dn) @ (H, Dn, C)
         q_lat = bmm(q_nope.permute(2, 0, 1, 3).reshape(h, b * t, self.d_nope), w_uk)  # (H,B*T,C)
         q_lat = q_lat.view(h, b, t, self.kv_rank).permute(1, 0, 2, 3)  # (B,H,T,C)
