@@ -45,6 +45,21 @@ def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timed_rounds(fns: dict[str, tuple[Callable[[], object], int]]) -> dict[str, float]:
+    """Best seconds of each function, calls interleaved round by round so that load from other jobs
+    on the machine hits every implementation alike. fns: name -> (function, timed calls)."""
+    for fn, _ in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
+    for r in range(max(n for _, n in fns.values())):
+        for name, (fn, n) in fns.items():
+            if r < n:
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def transformers_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """The same weights loaded into transformers' DeepseekV2ForCausalLM (through a hub-layout checkpoint)."""
     from transformers import AutoModelForCausalLM

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import time
 
 import torch
 
-from _common import peak_rss_gib, timeit
+from _common import peak_rss_gib, timed_rounds, timeit
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine
 from dsv2.model import DeepseekV2
@@ -31,21 +30,6 @@ def lite_shape(layers: int = 2, attention_type: str = "mla") -> ModelConfig:
     # every layer dense: first_k_dense_replace = layers (transformers needs the MoE fields set)
     return ModelConfig.from_preset("deepseek-v2-lite", num_hidden_layers=layers, first_k_dense_replace=layers,
                                    attention_type=attention_type)
-
-
-def timed_rounds(fns: dict[str, tuple[object, int]]) -> dict[str, float]:
-    """Best seconds of each function, calls interleaved round by round so that load from other jobs
-    on the machine hits every implementation alike. fns: name -> (function, timed calls)."""
-    for fn, _ in fns.values():
-        fn()  # warm-up
-    best = {name: float("inf") for name in fns}
-    for r in range(max(n for _, n in fns.values())):
-        for name, (fn, n) in fns.items():
-            if r < n:
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def machine_roofline() -> tuple[float, float]:

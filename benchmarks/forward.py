@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from _common import DTYPES, machine, timeit, transformers_twin
+from _common import DTYPES, machine, timed_rounds, transformers_twin
 from dsv2 import DeepseekV2, ModelConfig
 
 
@@ -60,12 +60,8 @@ def main() -> None:
                 hf(ids, logits_to_keep=1 if mode == "last" else 0)
 
             impls = {"dsv2": ours} if hf is None else {"dsv2": ours, "transformers": theirs}
-            for fn in impls.values():  # warm-up (weight copies, allocator)
-                fn()
-            for _ in range(args.repeat):  # interleaved, best of N
-                for name, fn in impls.items():
-                    t = timeit(fn, repeat=1, warmup=0)
-                    results[(name, mode)] = min(t, results.get((name, mode), float("inf")))
+            best = timed_rounds({name: (fn, args.repeat) for name, fn in impls.items()})
+            results.update({(name, mode): t for name, t in best.items()})
     print(f"\n{'logits':<10}{'dsv2 tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}")
     for mode in modes:
         ours_tps = args.tokens / results[("dsv2", mode)]
