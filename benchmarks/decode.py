@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+from pathlib import Path
 
 import torch
 
@@ -125,13 +126,21 @@ def step_cost(model: DeepseekV2, s: int, bytes_per_token: int, impl: str) -> tup
     return nbytes, 2 * params + attn * cfg.num_hidden_layers
 
 
-def kv_quality_report(model_dir: str | None, steps: int) -> None:
+def kv_quality_report(model_dir: str | None, steps: int, text: str | None) -> None:
     """Quantised cache modes vs the bf16 cache: bytes/token, mean KL, greedy agreement (teacher-forced)."""
     from dsv2.engine.quality import kv_quality
 
+    continuation = None
     if model_dir:
         model = DeepseekV2.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
         what = model_dir
+        tok_file = Path(model_dir) / "tokenizer.json"
+        if text and tok_file.exists():  # held-out text: the last 64 + steps tokens of the file
+            from tokenizers import Tokenizer
+
+            ids = Tokenizer.from_file(str(tok_file)).encode(Path(text).read_text()[-200_000:]).ids
+            prompt, continuation = ids[-(64 + steps): -steps], ids[-steps:]
+            what += f", prompt and teacher-forced continuation from the end of {text}"
     else:  # V2-Lite latent dims (C 512, R 64, 16 heads) on a small trunk; sharpened so tokens are decisive
         cfg = ModelConfig.from_preset("deepseek-v2-lite", num_hidden_layers=2, first_k_dense_replace=2,
                                       hidden_size=512, intermediate_size=1024, vocab_size=8192)
@@ -142,11 +151,13 @@ def kv_quality_report(model_dir: str | None, steps: int) -> None:
             for layer in model.layers:
                 layer.self_attn.q_proj.weight.mul_(8)
         what = "random V2-Lite-latent model (hidden 512, 2 layers, lm_head x30, q_proj x8)"
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (64,), generator=g).tolist()
-    print(f"KV cache quality vs bf16 cache, {what}, {steps} teacher-forced greedy decode steps")
+    if continuation is None:
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (64,), generator=g).tolist()
+    fed = "held-out text" if continuation is not None else "the bf16 cache's greedy tokens"
+    print(f"KV cache quality vs bf16 cache, {what}; {steps} decode steps fed {fed}")
     print(f"{'mode':>16} {'bytes/token/layer':>18} {'bits/elt':>9} {'mean KL':>10} {'greedy agree':>13}")
-    for q in kv_quality(model, prompt, steps=steps):
+    for q in kv_quality(model, prompt, steps=steps, continuation=continuation):
         per_layer = q.bytes_per_token // model.config.num_hidden_layers
         print(f"{q.mode:>16} {per_layer:>18} {q.bits_per_element:>9.2f} {q.mean_kl:>10.2e} "
               f"{q.greedy_agreement:>12.1%}", flush=True)
@@ -163,13 +174,16 @@ def main() -> None:
     ap.add_argument("--kv-quality", nargs="?", const="", default=None, metavar="MODEL_DIR",
                     help="instead: quantised cache quality vs bf16 (a checkpoint folder, or a random model)")
     ap.add_argument("--quality-steps", type=int, default=512)
+    ap.add_argument("--quality-text", default=None, metavar="PATH",
+                    help="with a checkpoint that has tokenizer.json: feed the end of this text file instead "
+                         "of greedy tokens (e.g. the held-out end of the training corpus)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other jobs on the machine skew timings)")
     if args.kv_quality is not None:
-        kv_quality_report(args.kv_quality or None, args.quality_steps)
+        kv_quality_report(args.kv_quality or None, args.quality_steps, args.quality_text)
         return
     torch.manual_seed(0)
     dt = torch.bfloat16

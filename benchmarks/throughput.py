@@ -41,7 +41,9 @@ def run(attn: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
     wall = time.perf_counter() - t0
     n = sum(len(o) for o in outs)
     st = eng.stats
-    return {"bytes_per_token": eng.cache.bytes_per_token, "holds": holds, "max_running": st.max_running,
+    full = [dt for b, dt in st.decode_steps if b == st.max_running]  # steps at the largest batch
+    return {"step_ms": 1e3 * sorted(full)[len(full) // 2],
+            "bytes_per_token": eng.cache.bytes_per_token, "holds": holds, "max_running": st.max_running,
             "tok_s": n / wall, "decode_tok_s": st.decode_tokens_per_s, "wall": wall,
             "cache_mib": eng.cache.nbytes() / 2**20}
 
@@ -74,11 +76,15 @@ def main() -> None:
         res[attn] = r = run(attn, args, prompts)
         print(f"{attn.upper():>4}: {r['bytes_per_token']:>6} B/token, budget holds {r['holds']:>4} sequences, "
               f"max running {r['max_running']:>4}, {r['tok_s']:8.1f} tokens/s end-to-end, "
-              f"{r['decode_tok_s']:8.1f} tokens/s in decode, {r['wall']:.1f}s", flush=True)
+              f"{r['decode_tok_s']:8.1f} tokens/s in decode (median step at that batch {r['step_ms']:.1f} ms), "
+              f"{r['wall']:.1f}s", flush=True)
     m, h = res["mla"], res["mha"]
     print(f"MLA / MHA: cache bytes/token {h['bytes_per_token'] / m['bytes_per_token']:.2f}x smaller, "
           f"sequences held {m['holds'] / max(h['holds'], 1):.2f}x, end-to-end tokens/s "
           f"{m['tok_s'] / h['tok_s']:.2f}x, decode tokens/s {m['decode_tok_s'] / h['decode_tok_s']:.2f}x")
+    print(f"at full batch: MLA runs {m['max_running'] / max(h['max_running'], 1):.2f}x the sequences per step, "
+          f"and its step takes {m['step_ms'] / h['step_ms']:.2f}x as long as MHA's (the batch-size cost of "
+          f"this machine's GEMMs and attention; ideal 1.00x when decode is memory-bound)")
 
 
 if __name__ == "__main__":

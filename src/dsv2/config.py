@@ -333,7 +333,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts_per_tok=None, max_position_embeddings=4096, rope_scaling=None,
         bos_token_id=100000, eos_token_id=100001,
     ),
-    # A few M parameters with every feature on (q compression, grouped MoE, yarn): for tests.
+    # ~0.26M parameters with every feature on (q compression, grouped MoE, yarn): for fast tests.
     "tiny": dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48,

@@ -86,6 +86,33 @@ def test_fast_decode_matches_model_attend_absorbed(mla_model) -> None:
     torch.testing.assert_close(logits["fast"], logits["expanded"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["layer", "chunked"])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_prefill_logits_equal_full_forward(mla_model, impl: str, chunk: int) -> None:
+    """Prefill (layer-major or chunk-major) over a fragmented cache, in two parts (the second one on
+    top of a cached prefix), gives the full forward's last-token logits after each part."""
+    prompt = [(7 * i + 3) % 500 for i in range(45)]
+    eng = Engine(mla_model, max_tokens=128, block_size=4, prefill_chunk=chunk, prefill_impl=impl)
+    holds = [eng.cache.reserve(4) for _ in range(eng.cache.num_blocks)]
+    for h in holds[::2]:  # every other block free: the sequence's rows are scattered
+        eng.cache.release(h)
+    seq = eng.cache.reserve(len(prompt))
+    assert len(eng.cache.runs(seq, len(prompt))) > 1
+    with torch.no_grad():
+        for part in (30, 45):
+            got = eng.runner.prefill(seq, prompt[:part])
+            want = mla_model(torch.tensor([prompt[:part]]))[0, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert seq.length == part
+    with pytest.raises(ValueError, match="at least one new token"):
+        eng.runner.prefill(seq, prompt)
+
+
+def test_prefill_impl_is_checked(mla_model) -> None:
+    with pytest.raises(ValueError, match="prefill_impl"):
+        Engine(mla_model, max_tokens=64, prefill_impl="rows")
+
+
 def test_fragmented_cache_gives_the_same_tokens(mla_model, mla_refs) -> None:
     eng = Engine(mla_model, max_tokens=64 * 4, block_size=4, decode_chunk=5)
     # fragment the pool: hold every other block while the requests run
@@ -200,3 +227,17 @@ def test_bf16_fast_decode_close_to_model_path() -> None:
     for a, b in (("fast", "absorbed"), ("fast1", "absorbed1")):
         err = (logits[a] - logits[b]).abs().max() / logits[b].abs().max()
         assert err < 0.03, (a, err)
+
+
+@pytest.mark.slow
+def test_compiled_engine_gives_the_eager_tokens() -> None:
+    """`Engine(compile=True)` (torch.compile of the MLPs) on bf16 weights: same greedy tokens as eager
+    (under compile, linears skip the pre-packed oneDNN weights that inductor cannot take as input)."""
+    models = []
+    for _ in range(2):
+        m = DeepseekV2(ModelConfig.from_preset("tiny"), dtype=torch.bfloat16).eval()
+        m.reset_parameters(seed=4)
+        models.append(m)
+    prompts, params = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_new_tokens=4)
+    eager = Engine(models[0], max_tokens=128).generate(prompts, params)
+    assert Engine(models[1], max_tokens=128, compile=True).generate(prompts, params) == eager

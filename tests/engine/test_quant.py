@@ -113,3 +113,23 @@ def test_quantised_cache_quality_ordering() -> None:
     assert res["fp8"].mean_kl < res["int4"].mean_kl
     assert res["int8"].greedy_agreement >= 0.95
     assert res["mixed"].bits_per_element < res["int8"].bits_per_element
+
+
+def test_quality_fed_a_continuation() -> None:
+    """Feeding the reference's own greedy tokens as the continuation reproduces the greedy-fed result;
+    a continuation shorter than the steps is rejected."""
+    from dsv2.engine import Engine, SamplingParams
+    from dsv2.engine.quality import kv_quality
+    from dsv2.model import DeepseekV2
+
+    model = DeepseekV2(ModelConfig.from_preset("tiny")).eval()
+    model.reset_parameters(seed=2)
+    prompt, steps = list(range(3, 20)), 10
+    greedy = Engine(model, kv_cache_dtype="fp32", max_tokens=64).generate([prompt], SamplingParams(
+        max_new_tokens=steps))[0]
+    kw = dict(steps=steps, modes=[("int4", False)], reference="fp32")
+    a = kv_quality(model, prompt, **kw)[0]
+    b = kv_quality(model, prompt, continuation=greedy, **kw)[0]
+    assert a == b and a.mean_kl > 0
+    with pytest.raises(ValueError, match="continuation"):
+        kv_quality(model, prompt, continuation=greedy[:3], **kw)

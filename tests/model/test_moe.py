@@ -127,6 +127,25 @@ def test_dispatch_bf16_close_to_fp32() -> None:
     assert rel_err(got, want) <= 3e-2
 
 
+def test_dispatch_bf16_inference_mixes_gemv_and_upcast_experts() -> None:
+    """Inference on bf16 experts: experts with <= GEMV_ROWS rows and experts with more both match the
+    float64 reference of the bf16 weights, and no fp32 copy of the experts is cached."""
+    ex = _experts().to(torch.bfloat16)
+    logits = torch.randn(20, 8)
+    logits[:, 0] += 4.0  # expert 0 takes (nearly) every token, the rest a few each
+    x, r = torch.randn(20, 16).bfloat16(), route(logits, 2)
+    counts = torch.bincount(r.idx.flatten(), minlength=8)
+    assert counts.max() > Experts.GEMV_ROWS and 0 < counts[counts > 0].min() <= Experts.GEMV_ROWS
+    with torch.inference_mode():
+        got = ex(x, r.idx, r.weight)
+    ref = _experts()
+    ref.load_state_dict({k: v.double() for k, v in ex.state_dict().items()}, assign=True)
+    want = ref.forward_reference(x.double(), r.idx, r.weight.double())
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) <= 2e-2
+    assert not any(isinstance(v, tuple) for v in vars(ex).values())  # nothing cached on the module
+
+
 # ---- token dropping ---------------------------------------------------------------------------------
 def _ref_drop(r: Routing, n_group: int, cf: float, exempt: torch.Tensor | None) -> torch.Tensor:
     """Per device: exempt picks first, then by affinity (ties: lower flat index), keep the first ceil(cf·N·K/G)."""

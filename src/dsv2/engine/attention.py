@@ -86,35 +86,51 @@ class BatchView:
         return new_from_rows(out, self.cache, new[0].shape), mask
 
 
+def _upcaster(upcast: bool, scratch: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """rows -> rows to compute on: as they are, or fp32 (into `scratch` when given: a fresh 2 MiB tensor
+    per chunk costs more in page faults than the conversion itself)."""
+    if not upcast:
+        return lambda k: k
+    if scratch is None:
+        return lambda k: k.float()
+    return lambda k: scratch[: k.shape[0]].copy_(k)
+
+
 def latent_decode(q: torch.Tensor, chunks: list[torch.Tensor], c: int, scale: float,
-                  upcast: bool) -> torch.Tensor:
+                  upcast: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA attention of one sequence: q (H, C+R) against rows (n, C+R) -> latent output (H, C).
 
     scores = q · row (the latent *is* the key, shared by every head), values = the first C columns.
+    `scratch` (>= n, C+R) fp32, if given, receives each upcast chunk in turn (chunks are used one at a time).
     """
+    # scores as (rows @ qᵀ)ᵀ: MKL runs the tall (n, C+R) x (C+R, H) product well; q @ rowsᵀ with only
+    # H = 16 rows in q falls on its slower small-M path
+    prep = _upcaster(upcast, scratch)
     if len(chunks) == 1:
-        k = chunks[0].float() if upcast else chunks[0]
-        p = (q.to(k.dtype) @ k.T).float().mul_(scale).softmax(dim=-1)  # (H,S)
+        k = prep(chunks[0])
+        p = (k @ q.to(k.dtype).T).T.float().mul_(scale).softmax(dim=-1)  # (H,S)
         return p.to(k.dtype) @ k[:, :c]  # (H,C)
+
     def pieces() -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
-        for k in chunks:
-            k = k.float() if upcast else k
-            s = (q.to(k.dtype) @ k.T).float().mul_(scale)  # (H,n)
+        for rows in chunks:
+            k = prep(rows)
+            s = (k @ q.to(k.dtype).T).T.float().mul_(scale)  # (H,n)
             yield s, lambda p, k=k: p.to(k.dtype) @ k[:, :c]  # (H,C)
 
     return online_softmax(pieces())
 
 
 def grouped_decode(q: torch.Tensor, chunks: list[torch.Tensor], n_kv: int, scale: float,
-                   upcast: bool) -> torch.Tensor:
+                   upcast: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Baseline attention of one sequence: q (H, Dh) against rows (n, 2·Hkv·Dh) = [k ; v] -> (H, Dh)."""
     h, dh = q.shape
     qg = q.view(n_kv, h // n_kv, dh)  # (Hkv,G,Dh)
     half = n_kv * dh
+    prep = _upcaster(upcast, scratch)
 
     def pieces() -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
         for rows in chunks:
-            rows = rows.float() if upcast else rows
+            rows = prep(rows)
             k = rows[:, :half].unflatten(-1, (n_kv, dh)).permute(1, 2, 0)  # (Hkv,Dh,n)
             v = rows[:, half:].unflatten(-1, (n_kv, dh)).transpose(0, 1)  # (Hkv,n,Dh)
             s = torch.bmm(qg.to(k.dtype), k).float().mul_(scale)  # (Hkv,G,n)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,7 @@ class EngineStats:
     decode_s: float = 0.0
     steps: int = 0
     max_running: int = 0
+    decode_steps: list[tuple[int, float]] = field(default_factory=list)  # (batch size, seconds) per step
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -62,7 +63,8 @@ class Engine:
     def __init__(self, model: DeepseekV2, kv_cache_dtype: str = "auto", kv_memory: str | int | None = None,
                  max_tokens: int | None = None, block_size: int = 64, max_batch: int = 64,
                  prefill_chunk: int = 512, decode_chunk: int | None = None, rope_bf16: bool = False,
-                 kv_group: int | None = None, decode_impl: str = "fast", compile: bool = False) -> None:
+                 kv_group: int | None = None, decode_impl: str = "fast", prefill_impl: str = "layer",
+                 compile: bool = False) -> None:
         cfg = model.config
         w = model.lm_head.weight
         self.model, self.cfg, self.device = model.eval(), cfg, w.device
@@ -73,7 +75,7 @@ class Engine:
         self.cache = PagedCache.from_budget(cfg, kv_memory=kv_memory, max_tokens=max_tokens,
                                             block_size=block_size, kv_cache_dtype=kv_cache_dtype,
                                             dtype=w.dtype, device=w.device, rope_bf16=rope_bf16, group=kv_group)
-        self.runner = ModelRunner(model, self.cache, prefill_chunk, decode_chunk, decode_impl)
+        self.runner = ModelRunner(model, self.cache, prefill_chunk, decode_chunk, decode_impl, prefill_impl)
         self.scheduler = Scheduler(cfg, self.cache, max_batch, w.device)
         self.stats = EngineStats()
         if compile:
@@ -107,8 +109,10 @@ class Engine:
             t0 = time.perf_counter()
             logits = self.runner.decode([r.slots for r in batch], [r.output[-1] for r in batch])
             toks = self._sample(batch, logits)
-            self.stats.decode_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.stats.decode_s += dt
             self.stats.decode_tokens += len(batch)
+            self.stats.decode_steps.append((len(batch), dt))
             events.extend(self._emit(r, t) for r, t in zip(batch, toks) if t is not None)
         return events
 

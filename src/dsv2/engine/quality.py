@@ -1,8 +1,9 @@
 """Quality of a quantised cache against a reference cache: teacher-forced KL and greedy agreement.
 
-The reference engine decodes greedily for `steps` tokens; every other engine is fed the *same* tokens
-(teacher forcing, so one early disagreement does not derail the rest) and its next-token distribution
-is compared at every step: mean KL(p_ref || p_mode) and the fraction of steps with the same argmax.
+The reference engine decodes greedily for `steps` tokens (or is fed a given continuation, e.g. held-out
+text); every other engine is fed the *same* tokens (teacher forcing, so one early disagreement does not
+derail the rest) and its next-token distribution is compared at every step: mean KL(p_ref || p_mode)
+and the fraction of steps with the same argmax.
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ def _logits_along(engine: Engine, prompt: list[int], forced: list[int] | None, s
 
 
 def kv_quality(model: DeepseekV2, prompt: list[int], steps: int = 512, modes: list[tuple[str, bool]] | None = None,
-               reference: str = "bf16", **engine_kw) -> list[KVQuality]:
-    """Compare each (kv_cache_dtype, rope_bf16) mode with the `reference` cache over `steps` decode steps."""
+               reference: str = "bf16", continuation: list[int] | None = None, **engine_kw) -> list[KVQuality]:
+    """Compare each (kv_cache_dtype, rope_bf16) mode with the `reference` cache over `steps` decode steps.
+
+    The tokens fed back are the reference's greedy ones, or `continuation` (at least `steps` tokens) when given.
+    """
+    if continuation is not None:
+        if len(continuation) < steps:
+            raise ValueError(f"continuation has {len(continuation)} tokens, steps={steps} needs that many")
+        continuation = list(continuation[:steps])
     modes = modes or [("bf16", False), ("fp8", False), ("fp8", True), ("int8", False), ("int8", True),
                       ("int4", False), ("int4", True), ("mixed", False)]
     budget = len(prompt) + steps
     ref = Engine(model, kv_cache_dtype=reference, max_tokens=budget, **engine_kw)
-    toks, ref_lp = _logits_along(ref, prompt, None, steps)
+    toks, ref_lp = _logits_along(ref, prompt, continuation, steps)
     out = []
     for name, rope_bf16 in modes:
         eng = Engine(model, kv_cache_dtype=name, rope_bf16=rope_bf16, max_tokens=budget, **engine_kw)

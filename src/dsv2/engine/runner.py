@@ -3,8 +3,13 @@
 Shapes: B sequences in a decode step, T prompt tokens of a chunk, D hidden, V vocab, H heads,
 C kv_lora_rank, R rope dim, Dn/Dv nope/value head dims, Hkv/Dh baseline K/V heads and head dim.
 
-Prefill runs the model's own modules (expanded MLA: decompress, SDPA) through a `SequenceView`, one
-chunk of the prompt at a time, so peak memory is bounded by the chunk, not the prompt. Decode runs
+MLA prefill runs layer by layer over the whole prompt ("layer-major"): for each layer, the latent rows
+of all prompt tokens are computed chunk by chunk and written to the cache, the keys and values are
+decompressed once, and then each chunk of queries attends causally over them and runs its MLP. Every
+cached token is decompressed once per layer, so a long prompt costs O(S) decompression, not the O(S²/chunk)
+of re-decompressing the prefix at every chunk; peak memory is one layer's K/V plus (S, D) activations.
+`prefill_impl="chunked"` instead runs the model's own modules (expanded MLA) through a `SequenceView`,
+one chunk of the prompt through all layers at a time (the baselines always do this). Decode runs
 the model's norms, projections and MLP/MoE batched over all sequences, and attention per sequence
 over its rows in place (`latent_decode`), so no per-head K/V and no padded copy of the cache is made.
 `decode_impl="absorbed"` / `"expanded"` instead hand a padded `BatchView` to the model's own attention
@@ -21,19 +26,22 @@ from dsv2.model import MLA, DeepseekV2
 from dsv2.model.layers import native_low_precision
 
 DECODE_IMPLS = ("fast", "absorbed", "expanded")
+PREFILL_IMPLS = ("layer", "chunked")
 
 
 class ModelRunner:
     """Owns no state of its own beyond derived weights; sequences live in the `PagedCache`."""
 
     def __init__(self, model: DeepseekV2, cache: PagedCache, prefill_chunk: int = 512,
-                 decode_chunk: int | None = None, decode_impl: str = "fast") -> None:
+                 decode_chunk: int | None = None, decode_impl: str = "fast", prefill_impl: str = "layer") -> None:
         if decode_impl not in DECODE_IMPLS:
             raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+        if prefill_impl not in PREFILL_IMPLS:
+            raise ValueError(f"prefill_impl must be one of {PREFILL_IMPLS}, got {prefill_impl!r}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.cache, self.cfg = model, cache, model.config
-        self.prefill_chunk, self.decode_impl = prefill_chunk, decode_impl
+        self.prefill_chunk, self.decode_impl, self.prefill_impl = prefill_chunk, decode_impl, prefill_impl
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
         # CPU without native bf16 GEMMs: do the attention math in fp32 over upcast chunks (the model's
@@ -42,13 +50,32 @@ class ModelRunner:
         # chunk rows so that one upcast chunk (~2 MiB of fp32) stays in L2: MLA 910 rows, MHA 4096 wide 256
         self.decode_chunk = decode_chunk or (max(256, (1 << 19) // cache.width) if self.upcast else 1 << 30)
         self.mla = self.cfg.attention_type == "mla"
+        self._scratch: torch.Tensor | None = None  # one upcast chunk of rows, reused by every decode step
+
+    def scratch(self) -> torch.Tensor | None:
+        """(decode_chunk, W) fp32 buffer for upcast chunks (None when rows are used as stored)."""
+        if not self.upcast:
+            return None
+        if self._scratch is None:
+            n = min(self.decode_chunk, self.cache.capacity_tokens)
+            self._scratch = torch.empty(n, self.cache.width, dtype=torch.float32, device=self.device)
+        return self._scratch
 
     # ---- prefill -----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seq: SeqSlots, tokens: list[int]) -> torch.Tensor:
-        """Write tokens[seq.length:] into the cache in chunks; logits (V,) of the last token."""
-        hidden = None
-        while seq.length < len(tokens):
+        """Write tokens[seq.length:] into the cache; logits (V,) of the last token."""
+        if seq.length >= len(tokens):
+            raise ValueError(f"prefill needs at least one new token (sequence holds {seq.length} of {len(tokens)})")
+        if self.mla and self.prefill_impl == "layer":
+            hidden = self._prefill_layer_major(seq, tokens)
+        else:
+            hidden = self._prefill_chunked(seq, tokens)
+        return self.model.lm_head(hidden)[0]  # (V,)
+
+    def _prefill_chunked(self, seq: SeqSlots, tokens: list[int]) -> torch.Tensor:
+        """One chunk through all layers at a time, by the model's own modules; final hidden (1, D)."""
+        while True:
             start = seq.length
             piece = tokens[start: start + self.prefill_chunk]
             ids = torch.tensor([piece], dtype=torch.long, device=self.device)  # (1,T)
@@ -56,8 +83,56 @@ class ModelRunner:
             view = SequenceView(self.cache, seq, start)
             hidden = self.model.forward_hidden(ids, pos, cache=view, attn_impl="expanded")  # (1,T,D)
             seq.length = start + len(piece)
-        assert hidden is not None, "prefill needs at least one new token"
-        return self.model.lm_head(hidden[0, -1:])[0]  # (V,)
+            if seq.length >= len(tokens):
+                return hidden[0, -1:]
+
+    def _prefill_layer_major(self, seq: SeqSlots, tokens: list[int]) -> torch.Tensor:
+        """All new tokens through one layer at a time (MLA); final hidden (1, D). See the module doc."""
+        m, cache, step = self.model, self.cache, self.prefill_chunk
+        start, n = seq.length, len(tokens) - seq.length
+        ids = torch.tensor([tokens[start:]], dtype=torch.long, device=self.device)  # (1,N)
+        pos = torch.arange(start, start + n, device=self.device)  # (N,)
+        m.check_input(ids, pos)
+        cos, sin = m.rope(pos)  # (N,R/2)
+        chunks = [slice(a, min(a + step, n)) for a in range(0, n, step)]
+        slots = cache.slots(seq, start, n)  # (N,)
+        x = m.embed_tokens(ids)  # (1,N,D)
+        for i, layer in enumerate(m.layers):
+            attn: MLA = layer.self_attn
+            h = torch.empty_like(x)  # (1,N,D) the normed input, kept for the queries
+            rows = []
+            for c in chunks:
+                h[:, c] = layer.input_layernorm(x[:, c])
+                c_kv, k_pe = attn.project_kv(h[:, c], cos[c], sin[c])  # (1,T,C), (1,T,R)
+                rows.append(torch.cat((c_kv, k_pe), dim=-1)[0])  # (T,C+R)
+            new = torch.cat(rows)  # (N,C+R)
+            cache.write(i, slots, new)
+            # the prompt's own rows at full precision; an earlier prefix as the cache stores it
+            every = new if start == 0 else torch.cat((cache.read(i, seq, start).to(new.dtype), new))  # (S,C+R)
+            k, v = self._expand(attn, every)  # (1,H,S,Dn+R) each
+            for c in chunks:
+                q_nope, q_pe = attn.project_q(h[:, c], cos[c], sin[c])  # (1,T,H,Dn), (1,T,H,R)
+                end = start + c.stop
+                o = attn.attend_kv(q_nope, q_pe, k[:, :, :end], v[:, :, :end])  # causal, queries last
+                xc = x[:, c] + attn.o_proj(o)  # (1,T,D)
+                x[:, c] = xc + layer.mlp(layer.post_attention_layernorm(xc))
+            del k, v, h
+        seq.length = start + n
+        return m.norm(x[0, -1:])  # (1,D)
+
+    def _expand(self, attn: MLA, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decompressed K/V (1,H,S,Dn+R) of all rows, built a chunk of keys at a time (bounded transients)."""
+        c = attn.kv_rank
+        s, step = rows.shape[0], max(self.prefill_chunk, 2048)
+        k = v = None
+        for a in range(0, s, step):
+            kc, vc = attn.expand_kv(rows[None, a: a + step, :c], rows[None, a: a + step, c:])  # (1,H,n,·)
+            if k is None:
+                k = kc.new_empty(1, kc.shape[1], s, kc.shape[-1])
+                v = vc.new_empty(1, vc.shape[1], s, vc.shape[-1])
+            k[:, :, a: a + step] = kc
+            v[:, :, a: a + step] = vc
+        return k, v
 
     # ---- decode ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -103,9 +178,10 @@ class ModelRunner:
         q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1).to(w_uk.dtype), w_uk)  # (H,B,C)
         q_full = torch.cat((q_lat, q_pe[:, 0].transpose(0, 1).to(w_uk.dtype)), dim=-1)  # (H,B,C+R)
         o_lat = torch.empty(hh, b, c, dtype=w_uk.dtype, device=h.device)  # (H,B,C)
+        scratch = self.scratch()
         for j, s in enumerate(seqs):
             chunks = decode_chunks(self.cache, i, s, s.length + 1, self.decode_chunk)
-            o_lat[:, j] = latent_decode(q_full[:, j], chunks, c, attn.scale, self.upcast)
+            o_lat[:, j] = latent_decode(q_full[:, j], chunks, c, attn.scale, self.upcast, scratch)
         o = torch.bmm(o_lat, w_uv_t)  # (H,B,Dv)
         return o.transpose(0, 1).reshape(b, 1, -1).to(h.dtype)  # (B,1,H*Dv)
 
@@ -121,7 +197,8 @@ class ModelRunner:
         self.cache.write(i, slots, torch.cat((k.flatten(2), v.flatten(2)), dim=-1)[:, 0])  # (B,W)
         qd = torch.float32 if self.upcast else q.dtype
         out = torch.empty(b, attn.n_heads, attn.d_h, dtype=qd, device=h.device)  # (B,H,Dh)
+        scratch = self.scratch()
         for j, s in enumerate(seqs):
             chunks = decode_chunks(self.cache, i, s, s.length + 1, self.decode_chunk)
-            out[j] = grouped_decode(q[j, 0].to(qd), chunks, attn.n_kv, attn.scale, self.upcast)
+            out[j] = grouped_decode(q[j, 0].to(qd), chunks, attn.n_kv, attn.scale, self.upcast, scratch)
         return out.reshape(b, 1, -1).to(h.dtype)  # (B,1,H*Dh)

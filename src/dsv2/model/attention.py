@@ -114,22 +114,32 @@ class MLA(nn.Module):
         return self._absorbed[1], self._absorbed[2]
 
     # ---- attention ---------------------------------------------------------------------------
-    def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
-                        k_pe: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Decompress K/V for all S keys and run SDPA. Returns (B,T,H*Dv)."""
-        b, t, h, _ = q_nope.shape
-        s = c_kv.shape[1]
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decompress S cached keys: k (B,H,S,Dn+R), v (B,H,S,Dn+R) (v zero-padded to k's width)."""
+        b, s, _ = c_kv.shape
+        h = self.n_heads
         kv = self.kv_b_proj(c_kv).unflatten(-1, (h, self.d_nope + self.d_v))  # (B,S,H,Dn+Dv)
         k_nope, v = kv.split((self.d_nope, self.d_v), dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(b, s, h, self.d_rope)), dim=-1)  # (B,S,H,Dn+R)
-        q = torch.cat((q_nope, q_pe), dim=-1)  # (B,T,H,Dn+R)
-        pad = q.shape[-1] - self.d_v
+        pad = self.d_nope + self.d_rope - self.d_v
         if pad > 0:  # PyTorch's fused CPU SDPA needs equal q/k and v widths; its fallback is ~3x slower
             v = F.pad(v, (0, pad))  # (B,S,H,Dn+R)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend_kv(self, q_nope: torch.Tensor, q_pe: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+        """SDPA of the T queries over decompressed k, v (B,H,S,·) from `expand_kv`. Returns (B,T,H*Dv)."""
+        t, s = q_nope.shape[1], k.shape[2]
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B,T,H,Dn+R)
         attn_mask, is_causal = _sdpa_mask(mask, t, s, q.device)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           scale=self.scale)  # (B,H,T,Dn+R)
         return o.transpose(1, 2)[..., : self.d_v].flatten(2)  # (B,T,H*Dv)
+
+    def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+                        k_pe: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decompress K/V for all S keys and run SDPA. Returns (B,T,H*Dv)."""
+        return self.attend_kv(q_nope, q_pe, *self.expand_kv(c_kv, k_pe), mask)
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
                         k_pe: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -39,6 +39,25 @@ def compute_weight(weight: torch.Tensor, owner: object | None = None, slot: str 
     return cached[1]
 
 
+def _onednn_packing() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def packed_weight(weight: torch.Tensor, owner: object, slot: str = "_packed") -> torch.Tensor:
+    """An fp32 copy of `weight` pre-packed in oneDNN's blocked layout, cached on `owner` (inference only).
+
+    For the M = 2..~100 row GEMMs of batched decode, MKL's plain sgemm re-reads the weight almost once
+    per row (8 rows of a 2048x10944 weight: ~5x the one-row time); the packed weight keeps the rows'
+    work in cache and runs 1.5-2.4x faster there, and no slower for prefill-sized M.
+    """
+    key = (weight.data_ptr(), weight._version, weight.shape)
+    cached = getattr(owner, slot, None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), 16))
+        setattr(owner, slot, cached)
+    return cached[1]
+
+
 def upcast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a matmul on x would run in (autocast's if active), or None when that is native here."""
     dt = torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x.dtype
@@ -63,9 +82,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.numel() == x.shape[-1] and x.dtype == weight.dtype and not torch.is_grad_enabled():
         # one row (decode): a low-precision GEMV is not on the slow path and reads half the bytes
         return F.linear(x, weight, bias)
+    autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if (owner is not None and not autocast and not torch.is_grad_enabled() and x.dtype == weight.dtype
+            and not native_low_precision(weight.device, weight.dtype) and _onednn_packing()
+            and not torch.compiler.is_compiling()):  # inductor cannot take an opaque packed weight as input
+        # inference on a CPU without native bf16: fp32 GEMM on a cached, pre-packed fp32 copy
+        pw = packed_weight(weight, owner, slot + "_packed")
+        b = None if bias is None else bias.float()
+        return torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), pw, b, "none", [], "").to(x.dtype)
     w = compute_weight(weight, owner, slot)
     out_dtype = x.dtype
-    autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     if autocast:
         out_dtype = torch.get_autocast_dtype("cpu")
         if native_low_precision(x.device, out_dtype):

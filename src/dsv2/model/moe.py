@@ -134,24 +134,41 @@ class Experts(nn.Module):
         if out_dtype is None:  # native precision: plain F.linear per expert (autocast applies as usual)
             return self._dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj)
         # no native low-precision GEMM on this CPU: run the experts in fp32, cast the result back
-        wg, wu, wd = (compute_weight(p, self, f"_fp32_{n}") for n, p in
-                      (("g", self.gate_proj), ("u", self.up_proj), ("d", self.down_proj)))
+        if not torch.is_grad_enabled() and x.dtype == self.gate_proj.dtype:
+            # inference: no fp32 copy of the experts is kept (it would double the memory of a MoE model);
+            # an expert with few rows runs bf16 GEMVs on the stored weights, one with more is upcast on the fly
+            y = self._dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
+                               upcast_rows=self.GEMV_ROWS)
+            return y.to(out_dtype)
+        wg, wu, wd = (compute_weight(p) for p in (self.gate_proj, self.up_proj, self.down_proj))
         with torch.autocast("cpu", enabled=False):
             y = self._dispatch(x.float(), token, order, counts, weight, wg.float(), wu.float(), wd.float())
         return y.to(out_dtype)
 
+    # an expert with at most this many rows runs bf16 GEMVs (PyTorch's bf16 matmul costs ~one weight pass
+    # per row on AVX2); above it, converting the weights to fp32 once (~3-4 passes) is cheaper
+    GEMV_ROWS = 4
+
     @staticmethod
     def _dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
-                  weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+                  weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+                  upcast_rows: int | None = None) -> torch.Tensor:
+        """Σ_k weight·expert(x) over the sorted picks. upcast_rows: low-precision weights without native
+        GEMMs (inference): experts with more rows than that compute in fp32; the result is then fp32."""
         xs = x[token]  # (P,D) picks grouped by expert
         # unbind, not wg[e]: indexing would give each expert's gradient as a full (E,I,D) tensor in backward
         wg, wu, wd = wg.unbind(0), wu.unbind(0), wd.unbind(0)
         outs = []
         for e, xe in enumerate(xs.split(counts)):
-            if counts[e]:
-                outs.append(F.linear(F.silu(F.linear(xe, wg[e])) * F.linear(xe, wu[e]), wd[e]))
+            if not counts[e]:
+                continue
+            g, u, d = wg[e], wu[e], wd[e]
+            if upcast_rows is not None and counts[e] > upcast_rows:
+                xe, g, u, d = xe.float(), g.float(), u.float(), d.float()
+            ye = F.linear(F.silu(F.linear(xe, g)) * F.linear(xe, u), d)
+            outs.append(ye if upcast_rows is None else ye.float())
         if not outs:
-            return torch.zeros_like(x)
+            return torch.zeros_like(x, dtype=torch.float32 if upcast_rows is not None else None)
         ys = torch.cat(outs)
         ys = ys * weight.flatten()[order, None].to(ys.dtype)  # (P,D)
         return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys)
