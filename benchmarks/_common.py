@@ -33,6 +33,28 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def synced(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:
+    """fn followed by a device synchronisation, so that timing it measures the work, not the launch."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return fn
+    sync = getattr(torch, dev.type).synchronize
+
+    def run() -> object:
+        out = fn()
+        sync()
+        return out
+    return run
+
+
+def peak_memory_gib(device: torch.device | str) -> float:
+    """Peak process RSS (CPU) or peak allocated accelerator memory (CUDA and the like), GiB."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return peak_rss_gib()
+    return getattr(torch, dev.type).max_memory_allocated() / 2**30
+
+
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
     """Median seconds per call."""
     for _ in range(warmup):

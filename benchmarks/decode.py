@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import peak_rss_gib, timed_rounds, timeit
+from _common import peak_memory_gib, synced, timed_rounds, timeit
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine
 from dsv2.model import DeepseekV2
@@ -33,24 +33,27 @@ def lite_shape(layers: int = 2, attention_type: str = "mla") -> ModelConfig:
                                    attention_type=attention_type)
 
 
-def machine_roofline() -> tuple[float, float]:
+def machine_roofline(device: torch.device) -> tuple[float, float]:
     """(best GEMM FLOP/s of fp32 / bf16, best memory read bytes/s of a sum / a bf16 GEMV), measured now."""
-    a = torch.randn(2048, 2048)
-    flops = 2 * 2048**3 / timeit(lambda: a @ a, repeat=5)
-    xb, wb = torch.randn(1024, 2048, dtype=torch.bfloat16), torch.randn(4096, 2048, dtype=torch.bfloat16)
-    flops = max(flops, 2 * 1024 * 2048 * 4096 / timeit(lambda: torch.nn.functional.linear(xb, wb), repeat=3))
-    big = torch.randn(128 * 2**20)  # 512 MiB: far past every cache level
-    bw = big.numel() * 4 / timeit(lambda: big.sum(), repeat=5)
-    wv = torch.randn(16384, 8192, dtype=torch.bfloat16)  # 256 MiB GEMV: what decode actually does
-    xv = torch.randn(1, 8192, dtype=torch.bfloat16)
-    bw = max(bw, wv.numel() * 2 / timeit(lambda: torch.nn.functional.linear(xv, wv), repeat=5))
+    a = torch.randn(2048, 2048, device=device)
+    flops = 2 * 2048**3 / timeit(synced(lambda: a @ a, device), repeat=5)
+    xb = torch.randn(1024, 2048, dtype=torch.bfloat16, device=device)
+    wb = torch.randn(4096, 2048, dtype=torch.bfloat16, device=device)
+    flops = max(flops, 2 * 1024 * 2048 * 4096 / timeit(synced(lambda: torch.nn.functional.linear(xb, wb), device),
+                                                       repeat=3))
+    big = torch.randn(128 * 2**20, device=device)  # 512 MiB: far past every cache level
+    bw = big.numel() * 4 / timeit(synced(lambda: big.sum(), device), repeat=5)
+    wv = torch.randn(16384, 8192, dtype=torch.bfloat16, device=device)  # 256 MiB GEMV: what decode actually does
+    xv = torch.randn(1, 8192, dtype=torch.bfloat16, device=device)
+    bw = max(bw, wv.numel() * 2 / timeit(synced(lambda: torch.nn.functional.linear(xv, wv), device), repeat=5))
     return flops, bw
 
 
-def synthetic_rows(cfg: ModelConfig, s: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+def synthetic_rows(cfg: ModelConfig, s: int, dtype: torch.dtype, seed: int,
+                   device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """Per layer (S, W) rows shaped like real ones: RMS-normalised latent, unit-scale rope part."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, cfg.kv_elements_per_token_per_layer(), generator=g).to(dtype)
+    return [torch.randn(s, cfg.kv_elements_per_token_per_layer(), generator=g).to(device, dtype)
             for _ in range(cfg.num_hidden_layers)]
 
 
@@ -80,9 +83,10 @@ def hf_model_from(model: DeepseekV2):
         hf = DeepseekV2ForCausalLM(hf_cfg)
     sd = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
     hf.load_state_dict(sd, assign=True, strict=True)
-    # rotary buffers were created on meta: rebuild them on the CPU
+    # rotary buffers were created on meta: rebuild them, on the weights' device
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)
-    return hf.to(model.lm_head.weight.dtype).eval()
+    w = model.lm_head.weight
+    return hf.to(w.device, w.dtype).eval()
 
 
 def hf_step_fn(hf, rows: list[torch.Tensor], c: int):
@@ -97,7 +101,8 @@ def hf_step_fn(hf, rows: list[torch.Tensor], c: int):
         return cache
 
     state = {"cache": fresh()}
-    ids, pos = torch.tensor([[7]]), torch.tensor([[s]])
+    dev = rows[0].device
+    ids, pos = torch.tensor([[7]], device=dev), torch.tensor([[s]], device=dev)
 
     def step() -> None:
         cache = state["cache"]
@@ -178,6 +183,7 @@ def main() -> None:
                     help="with a checkpoint that has tokenizer.json: feed the end of this text file instead "
                          "of greedy tokens (e.g. the held-out end of the training corpus)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (the whole benchmark runs there)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,42 +193,46 @@ def main() -> None:
         return
     torch.manual_seed(0)
     dt = torch.bfloat16
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    flops, bw = machine_roofline()
+    where = f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
+    if args.device.startswith("cuda"):
+        where = f"device {torch.cuda.get_device_name(args.device)}"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {where}")
+    dev = torch.device(args.device)
+    flops, bw = machine_roofline(dev)
     print(f"machine: GEMM {flops / 1e9:.1f} GFLOP/s (best of fp32/bf16), read bandwidth {bw / 1e9:.1f} GB/s",
           flush=True)
 
     cfg = lite_shape(args.layers)
-    model = DeepseekV2(cfg, dtype=dt).eval()
+    model = DeepseekV2(cfg, dtype=dt, device=dev).eval()
     s_max = max(args.contexts) + 8
     eng = Engine(model, kv_cache_dtype="bf16", max_tokens=s_max)
     eng_x = Engine(model, kv_cache_dtype="bf16", max_tokens=s_max, decode_impl="expanded")
     hf = None if args.no_hf else hf_model_from(model)
-    mha_model = DeepseekV2(lite_shape(args.layers, "mha"), dtype=dt).eval()
+    mha_model = DeepseekV2(lite_shape(args.layers, "mha"), dtype=dt, device=dev).eval()
     mha = Engine(mha_model, kv_cache_dtype="bf16", max_tokens=s_max)
     print(f"KV bytes/token: MLA {eng.cache.bytes_per_token} (= (512+64) x {args.layers} layers x 2 B), "
           f"MHA {mha.cache.bytes_per_token} ({mha.cache.bytes_per_token / eng.cache.bytes_per_token:.1f}x)")
-    print(f"weights loaded; peak RSS {peak_rss_gib():.2f} GiB\n")
+    mem = "peak RSS" if dev.type == "cpu" else f"peak {dev.type} memory"
+    print(f"weights loaded; {mem} {peak_memory_gib(dev):.2f} GiB\n")
 
     hdr = (f"{'context':>8} {'absorbed ms':>12} {'expanded ms':>12} {'transformers ms':>16} {'MHA ms':>8} "
            f"{'HF/abs':>8} {'exp/abs':>8} {'MHA/abs':>8} {'abs roofline':>13} {'GB/s':>6} {'GFLOP/s':>8} "
-           f"{'peak RSS GiB':>13}")
+           f"{'peak GiB':>13}")
     print(hdr)
     results = []
-    big = torch.randn(64 * 2**20)  # 256 MiB bandwidth probe and a GEMM probe, re-timed beside every row
-    sq = torch.randn(1024, 1024)
+    big = torch.randn(64 * 2**20, device=dev)  # 256 MiB bandwidth probe and a GEMM probe, re-timed beside every row
+    sq = torch.randn(1024, 1024, device=dev)
     for k, s in enumerate(args.contexts):
         hf_steps = args.hf_steps[min(k, len(args.hf_steps) - 1)]
-        rows = synthetic_rows(cfg, s, dt, seed=s)
-        mha_rows = synthetic_rows(mha_model.config, s, dt, seed=s)
+        rows = synthetic_rows(cfg, s, dt, seed=s, device=dev)
+        mha_rows = synthetic_rows(mha_model.config, s, dt, seed=s, device=dev)
         fns = {"bw": (lambda: big.sum(), args.steps), "gemm": (lambda: sq @ sq, args.steps)}
         fns["abs"] = (dsv2_step_fn(eng, rows)[0], args.steps)
         fns["mha"] = (dsv2_step_fn(mha, mha_rows)[0], args.steps)
         fns["exp"] = (dsv2_step_fn(eng_x, rows)[0], hf_steps)
         if hf is not None:
             fns["hf"] = (hf_step_fn(hf, rows, cfg.kv_lora_rank), hf_steps)
-        t = timed_rounds(fns)
+        t = timed_rounds({name: (synced(fn, dev), n) for name, (fn, n) in fns.items()})
         for e in (eng, eng_x, mha):
             for seq in list(e.cache_seqs):
                 e.cache.release(seq)
@@ -237,7 +247,7 @@ def main() -> None:
         results.append((s, t_abs, t_exp, t_hf, t_mha, roof))
         print(f"{s:>8} {t_abs * 1e3:>12.2f} {t_exp * 1e3:>12.1f} {t_hf * 1e3:>16.1f} {t_mha * 1e3:>8.2f} "
               f"{t_hf / t_abs:>7.1f}x {t_exp / t_abs:>7.1f}x {t_mha / t_abs:>7.2f}x {roof:>12.0%} "
-              f"{bw_row / 1e9:>6.1f} {flops_row / 1e9:>8.1f} {peak_rss_gib():>13.2f}", flush=True)
+              f"{bw_row / 1e9:>6.1f} {flops_row / 1e9:>8.1f} {peak_memory_gib(dev):>13.2f}", flush=True)
     print("\nbest of N interleaved calls per implementation (transformers/expanded: --hf-steps calls).")
     print("absorbed step: bytes = weights (all but embedding) + S x KV bytes/token; roofline time ="
           " max(bytes/BW, FLOPs/GEMM rate), BW and GEMM rate = best seen (start of run or beside the row);"

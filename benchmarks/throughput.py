@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from _common import synced, timed_rounds
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine, SamplingParams, parse_bytes
 from dsv2.model import DeepseekV2
@@ -31,7 +32,7 @@ def lite_shape(layers: int, attention_type: str, vocab: int) -> ModelConfig:
 def run(attn: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     torch.manual_seed(0)
-    model = DeepseekV2(lite_shape(args.layers, attn, args.vocab), dtype=dt).eval()
+    model = DeepseekV2(lite_shape(args.layers, attn, args.vocab), dtype=dt, device=args.device).eval()
     eng = Engine(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch=args.max_batch,
                  kv_cache_dtype=args.kv_cache_dtype)
     per_req = args.prompt_len + args.new_tokens - 1
@@ -48,6 +49,26 @@ def run(attn: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
             "cache_mib": eng.cache.nbytes() / 2**20}
 
 
+def gemm_probe(device: str, dtype: torch.dtype) -> str:
+    """Cost of one dsv2 Linear (2048 -> 10944, the dense FFN's up projection) at M rows relative to one
+    row, in inference: how far a decode step is from memory-bound as the batch grows. Beside it, plain
+    F.linear on an fp32 copy of the weight (what dsv2 did before packing the weights for oneDNN)."""
+    from dsv2.model.layers import Linear
+
+    lin = Linear(2048, 10944, bias=False, device=device, dtype=dtype)
+    w32 = lin.weight.detach().float()
+    with torch.inference_mode():
+        xs = {m: torch.randn(m, 2048, device=device, dtype=dtype) for m in (1, 2, 8, 16, 64, 128)}
+        fns = {("dsv2", m): (synced(lambda x=x: lin(x), device), 7) for m, x in xs.items()}
+        fns.update({("plain", m): (synced(lambda x=x: torch.nn.functional.linear(x.float(), w32), device), 7)
+                    for m, x in xs.items() if m > 1})
+        best = timed_rounds(fns)
+    one = best[("dsv2", 1)]
+    return ", ".join(f"M={m} {best[('dsv2', m)] * 1e3:.1f} ms ({best[('dsv2', m)] / one:.1f}x"
+                     + (f"; plain fp32 F.linear {best[('plain', m)] / best[('dsv2', m)]:.2f}x slower)" if m > 1
+                        else ")") for m in xs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-memory", default="16MiB", help="KV budget shared by all sequences (default 16MiB)")
@@ -61,16 +82,22 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (models and caches live there)")
+    ap.add_argument("--probe-only", action="store_true", help="only the GEMM-vs-rows probe")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other jobs on the machine skew timings)")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, args.vocab, (args.requests, args.prompt_len), generator=g).tolist()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; V2-Lite attention shape, "
-          f"{args.layers} dense layers, {args.dtype}; KV budget {args.kv_memory} "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}; "
+          f"V2-Lite attention shape, {args.layers} dense layers, {args.dtype}; KV budget {args.kv_memory} "
           f"({parse_bytes(args.kv_memory) / 2**20:.0f} MiB); {args.requests} requests of {args.prompt_len} + "
           f"{args.new_tokens} tokens", flush=True)
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    print(f"one Linear 2048->10944 at M rows, vs one row: {gemm_probe(args.device, dt)}", flush=True)
+    if args.probe_only:
+        return
     res = {}
     for attn in ("mla", "mha"):
         res[attn] = r = run(attn, args, prompts)

@@ -108,6 +108,28 @@ def test_prefill_logits_equal_full_forward(mla_model, impl: str, chunk: int) -> 
         eng.runner.prefill(seq, prompt)
 
 
+@pytest.mark.parametrize("impl", ["layer", "chunked"])
+def test_long_prefill_is_interleaved_with_decode(mla_model, mla_refs, impl: str) -> None:
+    """A prompt longer than prefill_chunk is prefilled over several steps while a running request keeps
+    decoding; both end with the full-forward loop's tokens."""
+    eng = Engine(mla_model, max_tokens=256, block_size=4, prefill_chunk=16, prefill_impl=impl)
+    short = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))
+    eng.step()  # the short prompt fits one chunk: prefilled and decoding in this step
+    assert len(short.output) == 2
+    long = eng.add_request(PROMPTS[2], SamplingParams(max_new_tokens=MAX_NEW[2]))  # 70 tokens
+    steps_while_prefilling = 0
+    while not long.output:
+        before = len(short.output)
+        eng.step()
+        if not long.output:
+            steps_while_prefilling += 1
+            assert len(short.output) == before + 1  # the short request went on decoding
+    assert steps_while_prefilling >= 2
+    while not eng.scheduler.idle:
+        eng.step()
+    assert [short.output, long.output] == [mla_refs[0], mla_refs[2]]
+
+
 def test_prefill_impl_is_checked(mla_model) -> None:
     with pytest.raises(ValueError, match="prefill_impl"):
         Engine(mla_model, max_tokens=64, prefill_impl="rows")
@@ -188,6 +210,24 @@ def test_bad_request_leaves_others_and_cache_intact(mla_model, mla_refs) -> None
     assert list(info.value.errors) == [0]
     assert info.value.outputs[1:] == mla_refs[1:3]
     assert eng2.cache.allocator.num_free == eng2.cache.num_blocks
+
+
+def test_failure_inside_a_paused_prefill_fails_that_request_alone(mla_model, mla_refs) -> None:
+    eng = Engine(mla_model, max_tokens=256, block_size=4, prefill_chunk=16)
+    real = eng.runner._layer_major_one
+
+    def flaky(i, *args):  # the long prompt's second layer raises, after its first piece was paused
+        if args[5].reserved == long.slots.reserved and i == 1:
+            raise RuntimeError("injected failure in layer 1")
+        return real(i, *args)
+    eng.runner._layer_major_one = flaky
+    short = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))
+    long = eng.add_request(PROMPTS[2], SamplingParams(max_new_tokens=MAX_NEW[2]))
+    while not eng.scheduler.idle:
+        eng.step()
+    assert long.status == "failed" and "injected failure in layer 1" in long.error
+    assert short.output == mla_refs[0]
+    assert eng.cache.allocator.num_free == eng.cache.num_blocks and not eng._prefilling
 
 
 def test_seeded_sampling_does_not_depend_on_batch(mla_model) -> None:

@@ -4,14 +4,16 @@
     outs = engine.generate([[1, 5, 9], [1, 7]], SamplingParams(max_new_tokens=32))  # new tokens only
     for ev in engine.stream(prompts, params): print(ev.index, ev.token)
 
-One `step()`: admit waiting requests that fit (prefill each, sample its first token), then decode
-every running request by one token in a single batched forward, then retire the finished ones.
+One `step()`: admit waiting requests that fit, advance each prefilling request by about one chunk's
+worth of work (a prompt of at most `prefill_chunk` tokens is prefilled whole and samples its first
+token), then decode every prefilled request by one token in a single batched forward, then retire
+the finished ones. A long prompt is thus prefilled across several steps while the others keep decoding.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +80,7 @@ class Engine:
         self.runner = ModelRunner(model, self.cache, prefill_chunk, decode_chunk, decode_impl, prefill_impl)
         self.scheduler = Scheduler(cfg, self.cache, max_batch, w.device)
         self.stats = EngineStats()
+        self._prefilling: dict[int, Generator[None, None, torch.Tensor]] = {}  # rid -> its paused prefill
         if compile:
             # the dense MLPs / MoE and norms see fixed shapes per batch size; attention stays eager
             for layer in model.layers:
@@ -89,22 +92,37 @@ class Engine:
         return self.scheduler.add(list(prompt), params or SamplingParams())
 
     def step(self) -> list[tuple[Request, int]]:
-        """Admit, prefill, decode and retire once. Returns (request, new token) pairs of this step."""
+        """Admit, prefill, decode and retire once. Returns (request, new token) pairs of this step.
+
+        Each prefilling request advances by about one chunk's worth of work per step (a prompt of at
+        most `prefill_chunk` tokens is prefilled in one go), so one long prompt never stalls the
+        decoding of the others for more than that; a request joins the decode batch once prefilled."""
         sch, events = self.scheduler, []
         self.stats.steps += 1
         for req in sch.admit():
+            self._prefilling[req.rid] = self.runner.prefill_steps(req.slots, req.prompt)
+        for req in [r for r in sch.running if r.rid in self._prefilling]:
             t0 = time.perf_counter()
             try:
-                logits = self.runner.prefill(req.slots, req.prompt)
-                tok = sample_token(logits, req.params, req.generator)
+                next(self._prefilling[req.rid])
+                self.stats.prefill_s += time.perf_counter() - t0
+                continue  # more of the prompt next step
+            except StopIteration as done:
+                del self._prefilling[req.rid]
+                try:
+                    tok = sample_token(done.value, req.params, req.generator)
+                except Exception as e:
+                    sch.retire(req, "error", f"{type(e).__name__}: {e}")
+                    continue
             except Exception as e:  # one bad request must not take the others (or the cache) down
+                del self._prefilling[req.rid]
                 sch.retire(req, "error", f"{type(e).__name__}: {e}")
                 continue
             self.stats.prefill_s += time.perf_counter() - t0
             self.stats.prefill_tokens += len(req.prompt)
             events.append(self._emit(req, tok))
-        batch = list(sch.running)  # includes the requests prefilled just now
-        self.stats.max_running = max(self.stats.max_running, len(sch.running))
+        batch = [r for r in sch.running if r.rid not in self._prefilling]  # includes the just-prefilled
+        self.stats.max_running = max(self.stats.max_running, len(batch))
         if batch:
             t0 = time.perf_counter()
             logits = self.runner.decode([r.slots for r in batch], [r.output[-1] for r in batch])

@@ -18,6 +18,8 @@ modules (`attend_absorbed` / `attend_expanded`): the references the fast path is
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 
 from dsv2.engine.attention import BatchView, SequenceView, decode_chunks, grouped_decode, latent_decode
@@ -62,63 +64,92 @@ class ModelRunner:
         return self._scratch
 
     # ---- prefill -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def prefill(self, seq: SeqSlots, tokens: list[int]) -> torch.Tensor:
         """Write tokens[seq.length:] into the cache; logits (V,) of the last token."""
+        steps = self.prefill_steps(seq, tokens)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, seq: SeqSlots, tokens: list[int]) -> Generator[None, None, torch.Tensor]:
+        """`prefill` as a generator that pauses after about one chunk's worth of work (prefill_chunk
+        tokens through every layer) and returns the logits (V,): the engine decodes the other requests
+        between the pieces of a long prompt. A prompt of at most one chunk runs without a pause."""
         if seq.length >= len(tokens):
             raise ValueError(f"prefill needs at least one new token (sequence holds {seq.length} of {len(tokens)})")
         if self.mla and self.prefill_impl == "layer":
-            hidden = self._prefill_layer_major(seq, tokens)
+            work = self._prefill_layer_major(seq, tokens)
         else:
-            hidden = self._prefill_chunked(seq, tokens)
-        return self.model.lm_head(hidden)[0]  # (V,)
+            work = self._prefill_chunked(seq, tokens)
+        hidden = yield from work
+        with torch.inference_mode():
+            return self.model.lm_head(hidden)[0]  # (V,)
 
-    def _prefill_chunked(self, seq: SeqSlots, tokens: list[int]) -> torch.Tensor:
+    def _prefill_chunked(self, seq: SeqSlots, tokens: list[int]) -> Generator[None, None, torch.Tensor]:
         """One chunk through all layers at a time, by the model's own modules; final hidden (1, D)."""
         while True:
-            start = seq.length
-            piece = tokens[start: start + self.prefill_chunk]
-            ids = torch.tensor([piece], dtype=torch.long, device=self.device)  # (1,T)
-            pos = torch.arange(start, start + len(piece), device=self.device)  # (T,)
-            view = SequenceView(self.cache, seq, start)
-            hidden = self.model.forward_hidden(ids, pos, cache=view, attn_impl="expanded")  # (1,T,D)
-            seq.length = start + len(piece)
+            with torch.inference_mode():
+                start = seq.length
+                piece = tokens[start: start + self.prefill_chunk]
+                ids = torch.tensor([piece], dtype=torch.long, device=self.device)  # (1,T)
+                pos = torch.arange(start, start + len(piece), device=self.device)  # (T,)
+                view = SequenceView(self.cache, seq, start)
+                hidden = self.model.forward_hidden(ids, pos, cache=view, attn_impl="expanded")  # (1,T,D)
+                seq.length = start + len(piece)
             if seq.length >= len(tokens):
                 return hidden[0, -1:]
+            yield
 
-    def _prefill_layer_major(self, seq: SeqSlots, tokens: list[int]) -> torch.Tensor:
-        """All new tokens through one layer at a time (MLA); final hidden (1, D). See the module doc."""
+    def _prefill_layer_major(self, seq: SeqSlots, tokens: list[int]) -> Generator[None, None, torch.Tensor]:
+        """All new tokens through one layer at a time (MLA); final hidden (1, D). See the module doc.
+
+        Pauses between layers once a chunk's worth of work (prefill_chunk x layers token-layers) is done;
+        between pauses it holds only x (and the cache rows already written), no K/V."""
         m, cache, step = self.model, self.cache, self.prefill_chunk
         start, n = seq.length, len(tokens) - seq.length
-        ids = torch.tensor([tokens[start:]], dtype=torch.long, device=self.device)  # (1,N)
-        pos = torch.arange(start, start + n, device=self.device)  # (N,)
-        m.check_input(ids, pos)
-        cos, sin = m.rope(pos)  # (N,R/2)
-        chunks = [slice(a, min(a + step, n)) for a in range(0, n, step)]
-        slots = cache.slots(seq, start, n)  # (N,)
-        x = m.embed_tokens(ids)  # (1,N,D)
+        budget, done = step * len(m.layers), 0
+        with torch.inference_mode():
+            ids = torch.tensor([tokens[start:]], dtype=torch.long, device=self.device)  # (1,N)
+            pos = torch.arange(start, start + n, device=self.device)  # (N,)
+            m.check_input(ids, pos)
+            cos, sin = m.rope(pos)  # (N,R/2)
+            chunks = [slice(a, min(a + step, n)) for a in range(0, n, step)]
+            slots = cache.slots(seq, start, n)  # (N,)
+            x = m.embed_tokens(ids)  # (1,N,D)
         for i, layer in enumerate(m.layers):
-            attn: MLA = layer.self_attn
-            h = torch.empty_like(x)  # (1,N,D) the normed input, kept for the queries
-            rows = []
-            for c in chunks:
-                h[:, c] = layer.input_layernorm(x[:, c])
-                c_kv, k_pe = attn.project_kv(h[:, c], cos[c], sin[c])  # (1,T,C), (1,T,R)
-                rows.append(torch.cat((c_kv, k_pe), dim=-1)[0])  # (T,C+R)
-            new = torch.cat(rows)  # (N,C+R)
-            cache.write(i, slots, new)
-            # the prompt's own rows at full precision; an earlier prefix as the cache stores it
-            every = new if start == 0 else torch.cat((cache.read(i, seq, start).to(new.dtype), new))  # (S,C+R)
-            k, v = self._expand(attn, every)  # (1,H,S,Dn+R) each
-            for c in chunks:
-                q_nope, q_pe = attn.project_q(h[:, c], cos[c], sin[c])  # (1,T,H,Dn), (1,T,H,R)
-                end = start + c.stop
-                o = attn.attend_kv(q_nope, q_pe, k[:, :, :end], v[:, :, :end])  # causal, queries last
-                xc = x[:, c] + attn.o_proj(o)  # (1,T,D)
-                x[:, c] = xc + layer.mlp(layer.post_attention_layernorm(xc))
-            del k, v, h
+            if done >= budget:
+                done = 0
+                yield
+            with torch.inference_mode():
+                self._layer_major_one(i, layer, x, cos, sin, chunks, seq, slots, start)
+            done += n
         seq.length = start + n
-        return m.norm(x[0, -1:])  # (1,D)
+        with torch.inference_mode():
+            return m.norm(x[0, -1:])  # (1,D)
+
+    def _layer_major_one(self, i: int, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, chunks: list[slice], seq: SeqSlots, slots: torch.Tensor,
+                         start: int) -> None:
+        """Layer i over all N new tokens, x (1,N,D) updated in place; its latent rows written to the cache."""
+        attn: MLA = layer.self_attn
+        h = torch.empty_like(x)  # (1,N,D) the normed input, kept for the queries
+        rows = []
+        for c in chunks:
+            h[:, c] = layer.input_layernorm(x[:, c])
+            c_kv, k_pe = attn.project_kv(h[:, c], cos[c], sin[c])  # (1,T,C), (1,T,R)
+            rows.append(torch.cat((c_kv, k_pe), dim=-1)[0])  # (T,C+R)
+        new = torch.cat(rows)  # (N,C+R)
+        self.cache.write(i, slots, new)
+        # the prompt's own rows at full precision; an earlier prefix as the cache stores it
+        every = new if start == 0 else torch.cat((self.cache.read(i, seq, start).to(new.dtype), new))  # (S,C+R)
+        k, v = self._expand(attn, every)  # (1,H,S,Dn+R) each
+        for c in chunks:
+            q_nope, q_pe = attn.project_q(h[:, c], cos[c], sin[c])  # (1,T,H,Dn), (1,T,H,R)
+            o = attn.attend_kv(q_nope, q_pe, k[:, :, : start + c.stop], v[:, :, : start + c.stop])  # causal
+            xc = x[:, c] + attn.o_proj(o)  # (1,T,D)
+            x[:, c] = xc + layer.mlp(layer.post_attention_layernorm(xc))
 
     def _expand(self, attn: MLA, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decompressed K/V (1,H,S,Dn+R) of all rows, built a chunk of keys at a time (bounded transients)."""

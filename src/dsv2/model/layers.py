@@ -48,7 +48,8 @@ def packed_weight(weight: torch.Tensor, owner: object, slot: str = "_packed") ->
 
     For the M = 2..~100 row GEMMs of batched decode, MKL's plain sgemm re-reads the weight almost once
     per row (8 rows of a 2048x10944 weight: ~5x the one-row time); the packed weight keeps the rows'
-    work in cache and runs 1.5-2.4x faster there, and no slower for prefill-sized M.
+    work in cache and runs 1.6-3.3x faster there (benchmarks/throughput.py --probe-only), and no
+    slower for prefill-sized M.
     """
     key = (weight.data_ptr(), weight._version, weight.shape)
     cached = getattr(owner, slot, None)
