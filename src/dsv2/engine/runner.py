@@ -49,8 +49,10 @@ class ModelRunner:
         # CPU without native bf16 GEMMs: do the attention math in fp32 over upcast chunks (the model's
         # Linear layers apply the same policy to the projections, and keep one-row GEMVs in bf16).
         self.upcast = not native_low_precision(self.device, self.dtype)
-        # chunk rows so that one upcast chunk (~2 MiB of fp32) stays in L2: MLA 910 rows, MHA 4096 wide 256
-        self.decode_chunk = decode_chunk or (max(256, (1 << 19) // cache.width) if self.upcast else 1 << 30)
+        # rows per upcast chunk (~4 MiB of fp32, L3-resident): big enough that each chunk's two GEMMs split
+        # well over the intra-op threads (~10% faster at 32K than 2 MiB chunks), small enough to stay in
+        # cache between them. MLA 1820 rows, MHA (4096 wide) 256.
+        self.decode_chunk = decode_chunk or (max(256, (1 << 20) // cache.width) if self.upcast else 1 << 30)
         self.mla = self.cfg.attention_type == "mla"
         self._scratch: torch.Tensor | None = None  # one upcast chunk of rows, reused by every decode step
 
