@@ -34,7 +34,7 @@ def run(attn: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
     torch.manual_seed(0)
     model = DeepseekV2(lite_shape(args.layers, attn, args.vocab), dtype=dt, device=args.device).eval()
     eng = Engine(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch=args.max_batch,
-                 kv_cache_dtype=args.kv_cache_dtype)
+                 kv_cache_dtype=args.kv_cache_dtype, decode_impl=args.decode_impl)
     per_req = args.prompt_len + args.new_tokens - 1
     holds = eng.cache.num_blocks // eng.cache.blocks_for(per_req)
     t0 = time.perf_counter()
@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (models and caches live there)")
     ap.add_argument("--probe-only", action="store_true", help="only the GEMM-vs-rows probe")
+    ap.add_argument("--decode-impl", default="fast", choices=("fast", "absorbed", "expanded"),
+                    help="fast: per-sequence attention over the pool (CPU); absorbed: one padded batch through "
+                         "the model's attend_absorbed (fewer kernel launches on a GPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

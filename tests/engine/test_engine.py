@@ -119,6 +119,7 @@ def test_long_prefill_is_interleaved_with_decode(mla_model, mla_refs, impl: str)
     long = eng.add_request(PROMPTS[2], SamplingParams(max_new_tokens=MAX_NEW[2]))  # 70 tokens
     steps_while_prefilling = 0
     while not long.output:
+        assert long.status in ("waiting", "running"), long.error
         before = len(short.output)
         eng.step()
         if not long.output:
@@ -128,6 +129,24 @@ def test_long_prefill_is_interleaved_with_decode(mla_model, mla_refs, impl: str)
     while not eng.scheduler.idle:
         eng.step()
     assert [short.output, long.output] == [mla_refs[0], mla_refs[2]]
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_layer_major_prefill_over_a_quantised_prefix(mla_model, kv: str) -> None:
+    """Second part of a prompt on top of a quantised cached prefix: layer-major and chunked prefill both
+    read the prefix as stored and the new rows at full precision, so they agree."""
+    prompt = [(5 * i + 1) % 500 for i in range(45)]
+    got = {}
+    for impl in ("layer", "chunked"):
+        eng = Engine(mla_model, kv_cache_dtype=kv, max_tokens=64, block_size=4, prefill_chunk=64,
+                     prefill_impl=impl)
+        seq = eng.cache.reserve(len(prompt))
+        eng.runner.prefill(seq, prompt[:30])
+        got[impl] = eng.runner.prefill(seq, prompt)
+    torch.testing.assert_close(got["layer"], got["chunked"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        want = mla_model(torch.tensor([prompt]))[0, -1]
+    assert not torch.allclose(got["layer"], want, rtol=1e-5, atol=1e-5)  # the prefix really is quantised
 
 
 def test_prefill_impl_is_checked(mla_model) -> None:
@@ -249,9 +268,11 @@ def test_stop_tokens_and_stream(mla_model, mla_refs) -> None:
     assert not any(e.finished for e in events[:-1])
 
 
-def test_bf16_fast_decode_close_to_model_path() -> None:
-    """bf16 weights and cache (the CPU upcast / native-GEMV path where bf16 GEMM is not native)."""
-    model = tiny_model("mla").to(torch.bfloat16)
+@pytest.mark.parametrize("attn", ["mla", "mha"])
+def test_bf16_fast_decode_close_to_model_path(attn: str) -> None:
+    """bf16 weights and cache (the CPU upcast-into-scratch / native-GEMV path where bf16 GEMM is not
+    native) vs the model's own attention over a padded batch (MLA: attend_absorbed, MHA: expanded)."""
+    model = tiny_model(attn).to(torch.bfloat16)
     logits = {}
     for impl in ("fast", "absorbed"):
         eng = Engine(model, kv_cache_dtype="bf16", max_tokens=256, block_size=4, decode_impl=impl,

@@ -52,3 +52,21 @@ def test_training_grads_reach_the_bf16_weight() -> None:
     assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.bfloat16
     want = x.double().sum(0).expand(16, 32)  # d(sum(x W^T))/dW = 1 x
     torch.testing.assert_close(lin.weight.grad.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_cached_copies_survive_deepcopy_pickle_and_moves() -> None:
+    import copy
+    import io
+
+    lin = Linear(64, 48, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(5, 64).bfloat16()
+    with torch.inference_mode():
+        want = lin(x)
+    twin = copy.deepcopy(lin)  # a packed oneDNN copy has no storage: it must not be copied
+    torch.save(lin, io.BytesIO())
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), want)
+    lin.float()  # a cast makes every cached copy stale
+    assert not any(hasattr(lin, c) for c in Linear.CACHES)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x.float()).double(), ref(x.float(), lin), rtol=1e-5, atol=1e-5)

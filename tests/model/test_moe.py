@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv2 import DeepseekV2, ModelConfig
-from dsv2.model.layers import MLP
+from dsv2.model.layers import MLP, native_low_precision
 from dsv2.model.moe import Experts, MoE, Routing, drop_tokens, route
 
 from ._reference import randomize_, ref_route_token, rel_err
@@ -144,6 +144,21 @@ def test_dispatch_bf16_inference_mixes_gemv_and_upcast_experts() -> None:
     assert got.dtype == torch.bfloat16
     assert rel_err(got, want) <= 2e-2
     assert not any(isinstance(v, tuple) for v in vars(ex).values())  # nothing cached on the module
+
+
+@pytest.mark.skipif(native_low_precision(torch.device("cpu"), torch.bfloat16),
+                    reason="bf16 is native here: autocast computes the experts in bf16 by design")
+def test_experts_under_bf16_autocast_compute_in_fp32() -> None:
+    """Evaluation under CPU bf16 autocast over fp32 weights (the trainer's eval): where bf16 is not native
+    the experts run in fp32, so the result is fp32-accurate, not bf16-accurate."""
+    ex = _experts()
+    x, r = torch.randn(20, 16), route(torch.randn(20, 8), 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ex(x, r.idx, r.weight)
+    ref = _experts()
+    ref.load_state_dict({k: v.double() for k, v in ex.state_dict().items()}, assign=True)
+    want = ref.forward_reference(x.double(), r.idx, r.weight.double())
+    assert rel_err(got.float(), want) <= 1e-2  # bf16 output rounding only
 
 
 # ---- token dropping ---------------------------------------------------------------------------------

@@ -99,6 +99,9 @@ class Engine:
         decoding of the others for more than that; a request joins the decode batch once prefilled."""
         sch, events = self.scheduler, []
         self.stats.steps += 1
+        running = {r.rid for r in sch.running}
+        for rid in [rid for rid in self._prefilling if rid not in running]:  # retired from outside
+            self._prefilling.pop(rid).close()
         for req in sch.admit():
             self._prefilling[req.rid] = self.runner.prefill_steps(req.slots, req.prompt)
         for req in [r for r in sch.running if r.rid in self._prefilling]:

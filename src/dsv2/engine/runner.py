@@ -76,9 +76,11 @@ class ModelRunner:
                 return done.value
 
     def prefill_steps(self, seq: SeqSlots, tokens: list[int]) -> Generator[None, None, torch.Tensor]:
-        """`prefill` as a generator that pauses after about one chunk's worth of work (prefill_chunk
-        tokens through every layer) and returns the logits (V,): the engine decodes the other requests
-        between the pieces of a long prompt. A prompt of at most one chunk runs without a pause."""
+        """`prefill` as a generator that returns the logits (V,) and pauses between pieces of at least
+        one chunk's worth of work (prefill_chunk tokens through every layer): the engine decodes the
+        other requests between the pieces of a long prompt. A prompt of at most one chunk runs without
+        a pause. The layer-major path pauses only between layers, so one piece of a prompt longer than
+        prefill_chunk x layers tokens is a whole layer over all its tokens."""
         if seq.length >= len(tokens):
             raise ValueError(f"prefill needs at least one new token (sequence holds {seq.length} of {len(tokens)})")
         if self.mla and self.prefill_impl == "layer":
@@ -107,8 +109,8 @@ class ModelRunner:
     def _prefill_layer_major(self, seq: SeqSlots, tokens: list[int]) -> Generator[None, None, torch.Tensor]:
         """All new tokens through one layer at a time (MLA); final hidden (1, D). See the module doc.
 
-        Pauses between layers once a chunk's worth of work (prefill_chunk x layers token-layers) is done;
-        between pauses it holds only x (and the cache rows already written), no K/V."""
+        Pauses between layers once at least a chunk's worth of work (prefill_chunk x layers token-layers)
+        is done since the last pause; while paused it holds only x (and the rows already cached), no K/V."""
         m, cache, step = self.model, self.cache, self.prefill_chunk
         start, n = seq.length, len(tokens) - seq.length
         budget, done = step * len(m.layers), 0

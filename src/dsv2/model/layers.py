@@ -31,7 +31,7 @@ def compute_weight(weight: torch.Tensor, owner: object | None = None, slot: str 
         return weight
     if owner is None or (torch.is_grad_enabled() and weight.requires_grad):
         return weight.float()  # training: upcast on the fly so gradients reach the stored weight
-    key = (weight.data_ptr(), weight._version, weight.shape)
+    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
     cached = getattr(owner, slot, None)
     if cached is None or cached[0] != key:
         cached = (key, weight.detach().float())
@@ -49,9 +49,11 @@ def packed_weight(weight: torch.Tensor, owner: object, slot: str = "_packed") ->
     For the M = 2..~100 row GEMMs of batched decode, MKL's plain sgemm re-reads the weight almost once
     per row (8 rows of a 2048x10944 weight: ~5x the one-row time); the packed weight keeps the rows'
     work in cache and runs 1.6-3.3x faster there (benchmarks/throughput.py --probe-only), and no
-    slower for prefill-sized M.
+    slower for prefill-sized M. The copy is rebuilt when the weight changes in place (its version
+    counter moves: optimizer steps, load_state_dict, no_grad in-place ops); writes through `.data`
+    bypass that counter and are not seen.
     """
-    key = (weight.data_ptr(), weight._version, weight.shape)
+    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
     cached = getattr(owner, slot, None)
     if cached is None or cached[0] != key:
         cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), 16))
@@ -105,10 +107,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the CPU low-precision policy of `linear` (same parameters, same state-dict keys)."""
+    """nn.Linear with the CPU low-precision policy of `linear` (same parameters, same state-dict keys).
+
+    The derived weight copies it caches for inference (`_fp32`, `_fp32_packed`) are dropped when the
+    module is moved or cast, and never pickled or deep-copied (a packed oneDNN tensor has no storage).
+    """
+
+    CACHES = ("_fp32", "_fp32_packed")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, owner=self)
+
+    def drop_caches(self) -> None:
+        for name in self.CACHES:
+            self.__dict__.pop(name, None)
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): the cached copies are stale
+        self.drop_caches()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in super().__getstate__().items() if k not in self.CACHES}
 
 
 class RMSNorm(nn.Module):

@@ -134,7 +134,7 @@ class Experts(nn.Module):
         if out_dtype is None:  # native precision: plain F.linear per expert (autocast applies as usual)
             return self._dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj)
         # no native low-precision GEMM on this CPU: run the experts in fp32, cast the result back
-        if not torch.is_grad_enabled() and x.dtype == self.gate_proj.dtype:
+        if not torch.is_grad_enabled() and x.dtype == self.gate_proj.dtype and not torch.is_autocast_enabled("cpu"):
             # inference: no fp32 copy of the experts is kept (it would double the memory of a MoE model);
             # an expert with few rows runs bf16 GEMVs on the stored weights, one with more is upcast on the fly
             y = self._dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
