@@ -84,9 +84,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (models and caches live there)")
     ap.add_argument("--probe-only", action="store_true", help="only the GEMM-vs-rows probe")
-    ap.add_argument("--decode-impl", default="fast", choices=("fast", "absorbed", "expanded"),
-                    help="fast: per-sequence attention over the pool (CPU); absorbed: one padded batch through "
-                         "the model's attend_absorbed (fewer kernel launches on a GPU)")
+    ap.add_argument("--decode-impl", default="auto", choices=("auto", "fast", "absorbed", "expanded"),
+                    help="fast: per-sequence attention over the pool (auto's choice on CPU); absorbed: one "
+                         "gathered batch through the model's attend_absorbed (auto's choice elsewhere)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

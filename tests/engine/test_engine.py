@@ -58,6 +58,14 @@ def test_generate_equals_full_forward_loop(attn: str, mla_model, mla_refs) -> No
     assert eng.cache.allocator.num_free == eng.cache.num_blocks  # everything released
 
 
+@pytest.mark.parametrize("impl", ["absorbed", "expanded"])
+def test_batched_decode_impls_generate_the_reference_tokens(mla_model, mla_refs, impl: str) -> None:
+    """decode_impl='absorbed' / 'expanded' (one gathered, padded batch through the model's modules: the
+    GPU-friendly path) under continuous batching give the full-forward loop's tokens."""
+    eng = Engine(mla_model, max_tokens=256, block_size=8, max_batch=3, prefill_chunk=16, decode_impl=impl)
+    assert eng.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW]) == mla_refs
+
+
 def test_requests_join_and_leave_mid_flight(mla_model, mla_refs) -> None:
     eng = Engine(mla_model, max_tokens=512, block_size=4)
     reqs = {0: eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))}
@@ -73,11 +81,17 @@ def test_requests_join_and_leave_mid_flight(mla_model, mla_refs) -> None:
     assert eng.stats.max_running >= 3
 
 
-def test_fast_decode_matches_model_attend_absorbed(mla_model) -> None:
-    """The engine's own attention over the pool vs the model's attend_absorbed/expanded on the same cache."""
+@pytest.mark.parametrize("kv", ["fp32", "int8", "fp8"])
+def test_fast_decode_matches_model_attend_absorbed(mla_model, kv: str) -> None:
+    """The engine's own attention over the pool vs the model's attend_absorbed/expanded over a gathered,
+    padded batch of the same cache (stored plain or quantised; sequences scattered over the pool)."""
     logits = {}
     for impl in ("fast", "absorbed", "expanded"):
-        eng = Engine(mla_model, max_tokens=256, block_size=4, decode_impl=impl, decode_chunk=8)
+        eng = Engine(mla_model, kv_cache_dtype=kv, max_tokens=256, block_size=4, decode_impl=impl,
+                     decode_chunk=8)
+        holds = [eng.cache.reserve(4) for _ in range(eng.cache.num_blocks)]
+        for h in holds[::2]:  # every other block free: each sequence's rows are scattered
+            eng.cache.release(h)
         seqs = [eng.cache.reserve(len(p) + 4) for p in PROMPTS[:3]]
         for s, p in zip(seqs, PROMPTS[:3]):
             eng.runner.prefill(s, p)
@@ -149,9 +163,12 @@ def test_layer_major_prefill_over_a_quantised_prefix(mla_model, kv: str) -> None
     assert not torch.allclose(got["layer"], want, rtol=1e-5, atol=1e-5)  # the prefix really is quantised
 
 
-def test_prefill_impl_is_checked(mla_model) -> None:
+def test_impl_choices_are_checked(mla_model) -> None:
     with pytest.raises(ValueError, match="prefill_impl"):
         Engine(mla_model, max_tokens=64, prefill_impl="rows")
+    with pytest.raises(ValueError, match="decode_impl"):
+        Engine(mla_model, max_tokens=64, decode_impl="paged")
+    assert Engine(mla_model, max_tokens=64).runner.decode_impl == "fast"  # auto, on the CPU
 
 
 def test_fragmented_cache_gives_the_same_tokens(mla_model, mla_refs) -> None:

@@ -58,12 +58,31 @@ class SequenceView:
 class BatchView:
     """Cache protocol for a decode batch of sequences of different lengths, in the model's own modules.
 
-    Gathers every sequence's rows into a padded (B, S_max, W) tensor plus a (B,1,T,S_max) mask: a copy
-    per step, so the engine's fast path (`latent_decode`) avoids it; this view is the reference.
+    Writes the batch's new rows with one scatter and reads every sequence's rows with one gather per
+    layer into a padded (B, S_max, W) tensor plus a (B,1,T,S_max) mask (padding zeroed): a copy per
+    step, which the CPU fast path (`latent_decode`) avoids, but a handful of kernels for any batch,
+    which is what a GPU wants. Also the reference the fast path is tested against.
     """
 
     def __init__(self, cache: PagedCache, seqs: list[SeqSlots], starts: list[int]) -> None:
         self.cache, self.seqs, self.starts = cache, seqs, starts
+        self._plan: tuple[torch.Tensor, ...] | None = None  # (new slots, gather index, valid, mask), per step
+
+    def _plan_for(self, t: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Slot indices of the new rows and of every row, the same for all layers of this step."""
+        if self._plan is None:
+            lens = [s + t for s in self.starts]
+            s_max = max(lens)
+            new = torch.cat([self.cache.slots(seq, st, t) for seq, st in zip(self.seqs, self.starts)])  # (B*T,)
+            index = torch.zeros(len(self.seqs), s_max, dtype=torch.long)  # (B,S_max), padding -> slot 0
+            for i, (seq, n) in enumerate(zip(self.seqs, lens)):
+                index[i, :n] = self.cache.slots(seq, 0, n)
+            key = torch.arange(s_max)
+            valid = key[None, :] < torch.tensor(lens)[:, None]  # (B,S_max)
+            q_pos = torch.tensor(self.starts)[:, None] + torch.arange(t)[None, :]  # (B,T)
+            mask = (key[None, None, :] <= q_pos[:, :, None])[:, None]  # (B,1,T,S_max)
+            self._plan = (new, index, valid.to(device), mask.to(device))
+        return self._plan
 
     def update(self, layer_idx: int, new: tuple[torch.Tensor, ...]
                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
@@ -74,16 +93,10 @@ class BatchView:
             self.cache.write(layer_idx, self.cache.slots(seq, start, t), rows[0])
             every = self.cache.read(layer_idx, seq, start + t)[None]  # (1,S,W)
             return new_from_rows(every, self.cache, new[0].shape), None
-        lens = [s + t for s in self.starts]
-        s_max = max(lens)
-        out = rows.new_zeros(b, s_max, rows.shape[-1])
-        mask = torch.zeros(b, 1, t, s_max, dtype=torch.bool, device=rows.device)
-        for i, (seq, start) in enumerate(zip(self.seqs, self.starts)):
-            self.cache.write(layer_idx, self.cache.slots(seq, start, t), rows[i])
-            out[i, : lens[i]] = self.cache.read(layer_idx, seq, lens[i])
-            q_pos = torch.arange(start, start + t, device=rows.device)[:, None]
-            mask[i, 0] = torch.arange(s_max, device=rows.device)[None, :] <= q_pos
-        return new_from_rows(out, self.cache, new[0].shape), mask
+        slots, index, valid, mask = self._plan_for(t, rows.device)
+        self.cache.write(layer_idx, slots, rows.flatten(0, 1))
+        every = self.cache.gather(layer_idx, index).masked_fill_(~valid[..., None], 0)  # (B,S_max,W)
+        return new_from_rows(every.to(rows.dtype), self.cache, new[0].shape), mask
 
 
 def _upcaster(upcast: bool, scratch: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:

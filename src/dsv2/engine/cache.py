@@ -205,6 +205,20 @@ class PagedCache:
         parts = [t.view(-1, t.shape[-1])[start: start + n] for t in self.pools[layer]]
         return parts[0] if self.format.plain else self.format.decode(parts)
 
+    def gather(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """Rows (..., W) at flat slots (...) of one layer, decoded: one indexing op per stored part, so a
+        whole decode batch is read in a few kernels whatever the sequences' lengths and block tables."""
+        idx = slots.to(self.pools[layer][0].device).flatten()
+        parts = []
+        for t in self.pools[layer]:
+            flat = t.view(-1, t.shape[-1])
+            if t.dtype == torch.float8_e4m3fn:  # no index kernel for fp8 on CPU: move the bytes
+                parts.append(flat.view(torch.uint8).index_select(0, idx).view(t.dtype))
+            else:
+                parts.append(flat.index_select(0, idx))
+        rows = parts[0] if self.format.plain else self.format.decode(parts)
+        return rows.view(*slots.shape, rows.shape[-1])
+
     def read(self, layer: int, seq: SeqSlots, length: int) -> torch.Tensor:
         """All rows (length, W) of a sequence; zero-copy when it is contiguous and the format plain."""
         chunks = [self.read_run(layer, s, n) for s, n in self.runs(seq, length)]

@@ -65,7 +65,7 @@ class Engine:
     def __init__(self, model: DeepseekV2, kv_cache_dtype: str = "auto", kv_memory: str | int | None = None,
                  max_tokens: int | None = None, block_size: int = 64, max_batch: int = 64,
                  prefill_chunk: int = 512, decode_chunk: int | None = None, rope_bf16: bool = False,
-                 kv_group: int | None = None, decode_impl: str = "fast", prefill_impl: str = "layer",
+                 kv_group: int | None = None, decode_impl: str = "auto", prefill_impl: str = "layer",
                  compile: bool = False) -> None:
         cfg = model.config
         w = model.lm_head.weight

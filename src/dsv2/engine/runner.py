@@ -12,8 +12,9 @@ of re-decompressing the prefix at every chunk; peak memory is one layer's K/V pl
 one chunk of the prompt through all layers at a time (the baselines always do this). Decode runs
 the model's norms, projections and MLP/MoE batched over all sequences, and attention per sequence
 over its rows in place (`latent_decode`), so no per-head K/V and no padded copy of the cache is made.
-`decode_impl="absorbed"` / `"expanded"` instead hand a padded `BatchView` to the model's own attention
-modules (`attend_absorbed` / `attend_expanded`): the references the fast path is tested against.
+`decode_impl="absorbed"` / `"expanded"` instead hand a gathered, padded `BatchView` to the model's own
+attention modules (`attend_absorbed` / `attend_expanded`): the references the fast path is tested
+against, and `"auto"`'s choice off the CPU (a few kernels per layer for any batch).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dsv2.engine.cache import PagedCache, SeqSlots
 from dsv2.model import MLA, DeepseekV2
 from dsv2.model.layers import native_low_precision
 
-DECODE_IMPLS = ("fast", "absorbed", "expanded")
+DECODE_IMPLS = ("auto", "fast", "absorbed", "expanded")
 PREFILL_IMPLS = ("layer", "chunked")
 
 
@@ -35,7 +36,7 @@ class ModelRunner:
     """Owns no state of its own beyond derived weights; sequences live in the `PagedCache`."""
 
     def __init__(self, model: DeepseekV2, cache: PagedCache, prefill_chunk: int = 512,
-                 decode_chunk: int | None = None, decode_impl: str = "fast", prefill_impl: str = "layer") -> None:
+                 decode_chunk: int | None = None, decode_impl: str = "auto", prefill_impl: str = "layer") -> None:
         if decode_impl not in DECODE_IMPLS:
             raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
         if prefill_impl not in PREFILL_IMPLS:
@@ -43,6 +44,11 @@ class ModelRunner:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.cache, self.cfg = model, cache, model.config
+        if decode_impl == "auto":
+            # CPU: per-sequence attention straight over the pool (no copy; the CPU runs it as fast as a
+            # batch). Elsewhere: one gathered batch through the model's modules, a few kernels per layer
+            # instead of ~a dozen per sequence per layer (a GPU step would be launch-bound otherwise).
+            decode_impl = "fast" if model.lm_head.weight.device.type == "cpu" else "absorbed"
         self.prefill_chunk, self.decode_impl, self.prefill_impl = prefill_chunk, decode_impl, prefill_impl
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
