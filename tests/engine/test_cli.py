@@ -42,6 +42,22 @@ def test_generate_command_streams_text_and_reports(checkpoint, capsys) -> None:
     assert f"{per_tok} bytes/token" in err
 
 
+def test_generate_command_long_prompt_shows_prefill_progress(checkpoint, capsys) -> None:
+    """A prompt longer than --prefill-chunk is prefilled in pieces behind a progress bar; same text."""
+    folder, tok, model = checkpoint
+    prompt = "To be, or not to be, that is the question: whether tis nobler in the mind to suffer"
+    ids = tok.encode(prompt).ids
+    assert len(ids) > 8
+    rc = main(["--model", str(folder), "--prompt", prompt, "--max-new-tokens", "5", "--ignore-eos",
+               "--prefill-chunk", "4"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "prefill:" in err
+    expect = Engine(model.eval(), max_tokens=128).generate([ids], SamplingParams(max_new_tokens=5))[0]
+    assert out.strip() == tok.decode(expect).strip()
+    rc = main(["--model", str(folder), "--prompt", "To be", "--max-new-tokens", "2", "--prefill-chunk", "64"])
+    assert rc == 0 and "prefill:" not in capsys.readouterr().err  # short prompts: no bar
+
+
 def test_generate_command_batch_and_quantised(checkpoint, capsys) -> None:
     folder, _, _ = checkpoint
     rc = main(["--model", str(folder), "--prompt", "whether", "--prompt", "the slings and arrows",

@@ -131,7 +131,7 @@ def test_long_prefill_is_interleaved_with_decode(mla_model, mla_refs, impl: str)
     eng.step()  # the short prompt fits one chunk: prefilled and decoding in this step
     assert len(short.output) == 2
     long = eng.add_request(PROMPTS[2], SamplingParams(max_new_tokens=MAX_NEW[2]))  # 70 tokens
-    steps_while_prefilling = 0
+    steps_while_prefilling, progress = 0, [0.0]
     while not long.output:
         assert long.status in ("waiting", "running"), long.error
         before = len(short.output)
@@ -139,7 +139,9 @@ def test_long_prefill_is_interleaved_with_decode(mla_model, mla_refs, impl: str)
         if not long.output:
             steps_while_prefilling += 1
             assert len(short.output) == before + 1  # the short request went on decoding
-    assert steps_while_prefilling >= 2
+            assert progress[-1] < long.prefill_progress < 1.0  # reported, growing
+            progress.append(long.prefill_progress)
+    assert steps_while_prefilling >= 2 and long.prefill_progress == 1.0
     while not eng.scheduler.idle:
         eng.step()
     assert [short.output, long.output] == [mla_refs[0], mla_refs[2]]
@@ -161,6 +163,16 @@ def test_layer_major_prefill_over_a_quantised_prefix(mla_model, kv: str) -> None
     with torch.no_grad():
         want = mla_model(torch.tensor([prompt]))[0, -1]
     assert not torch.allclose(got["layer"], want, rtol=1e-5, atol=1e-5)  # the prefix really is quantised
+
+
+def test_stream_reports_each_step(mla_model) -> None:
+    eng = Engine(mla_model, max_tokens=256, prefill_chunk=16)
+    seen: list[list[float]] = []
+    events = list(eng.stream([PROMPTS[2], PROMPTS[1]], SamplingParams(max_new_tokens=2),
+                             on_step=lambda reqs: seen.append([r.prefill_progress for r in reqs])))
+    assert len(events) == 4 and len(seen) == eng.stats.steps
+    assert seen[0][0] < 1.0 and seen[0][1] == 1.0  # the 70-token prompt takes several steps, the 2-token one
+    assert seen[-1] == [1.0, 1.0]
 
 
 def test_impl_choices_are_checked(mla_model) -> None:

@@ -40,6 +40,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="weight dtype; auto = fp32 below 1B parameters, else bf16")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MLP/MoE blocks")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per prefill piece (bounds activation memory; default 512). Prompts "
+                        "longer than this show a prefill progress bar on stderr")
 
 
 def _pick_dtype(name: str, n_params: int) -> torch.dtype:
@@ -80,7 +83,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         engine = Engine(model, kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory,
                         max_tokens=None if args.kv_memory else max(budget_tokens, 64),
-                        rope_bf16=args.kv_rope_bf16, compile=args.compile)
+                        rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk)
         prompts = [tokenizer.encode(p).ids for p in args.prompt]
         for p in prompts:
             engine.scheduler.check(p, params)
@@ -92,7 +95,8 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     outs: list[list[int]] = [[] for _ in prompts]
     shown = ""
-    for ev in engine.stream(prompts, params):
+    bar = _PrefillBar(max(map(len, prompts)) > args.prefill_chunk)
+    for ev in engine.stream(prompts, params, on_step=bar.update):
         if ev.finish_reason == "error":
             print(f"\nerror: request {ev.index} failed: {ev.error}", file=sys.stderr)
             return 1
@@ -102,6 +106,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if text.startswith(shown):
                 print(text[len(shown):], end="", flush=True)
                 shown = text
+    bar.close()
     wall = time.perf_counter() - t0
     if len(prompts) == 1:
         print()
@@ -117,6 +122,32 @@ def run_generate(args: argparse.Namespace) -> int:
           f"{rep['capacity_tokens']} tokens; used {n + sum(map(len, prompts))} tokens = "
           f"{(n + sum(map(len, prompts))) * rep['bytes_per_token'] / 2**20:.3f} MiB]", file=sys.stderr)
     return 0
+
+
+class _PrefillBar:
+    """A tqdm bar on stderr over the prompts' prefill work, shown only for prompts longer than a chunk
+    (they produce no token for a while); closed once every prompt is prefilled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc="prefill", unit="%", file=sys.stderr, leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def update(self, reqs: list) -> None:
+        if self.bar is None:
+            return
+        done = sum(r.prefill_progress for r in reqs) / len(reqs)
+        self.bar.update(round(100 * done) - self.bar.n)
+        if done >= 1.0:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def main(argv: list[str] | None = None) -> int:

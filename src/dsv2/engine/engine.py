@@ -13,7 +13,7 @@ the finished ones. A long prompt is thus prefilled across several steps while th
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -80,7 +80,7 @@ class Engine:
         self.runner = ModelRunner(model, self.cache, prefill_chunk, decode_chunk, decode_impl, prefill_impl)
         self.scheduler = Scheduler(cfg, self.cache, max_batch, w.device)
         self.stats = EngineStats()
-        self._prefilling: dict[int, Generator[None, None, torch.Tensor]] = {}  # rid -> its paused prefill
+        self._prefilling: dict[int, Generator[float, None, torch.Tensor]] = {}  # rid -> its paused prefill
         if compile:
             # the dense MLPs / MoE and norms see fixed shapes per batch size; attention stays eager
             for layer in model.layers:
@@ -107,11 +107,12 @@ class Engine:
         for req in [r for r in sch.running if r.rid in self._prefilling]:
             t0 = time.perf_counter()
             try:
-                next(self._prefilling[req.rid])
+                req.prefill_progress = next(self._prefilling[req.rid])
                 self.stats.prefill_s += time.perf_counter() - t0
                 continue  # more of the prompt next step
             except StopIteration as done:
                 del self._prefilling[req.rid]
+                req.prefill_progress = 1.0
                 try:
                     tok = sample_token(done.value, req.params, req.generator)
                 except Exception as e:
@@ -159,17 +160,25 @@ class Engine:
 
     # ---- batch API ---------------------------------------------------------------------------
     def stream(self, prompts: Sequence[Sequence[int]],
-               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[TokenEvent]:
-        """Yield TokenEvents as tokens are produced; `index` is the prompt's position in `prompts`."""
+               params: SamplingParams | Sequence[SamplingParams] | None = None,
+               on_step: Callable[[list[Request]], None] | None = None) -> Iterator[TokenEvent]:
+        """Yield TokenEvents as tokens are produced; `index` is the prompt's position in `prompts`.
+
+        on_step, if given, is called after every engine step with this call's requests in prompt order
+        (e.g. to show `Request.prefill_progress` of long prompts, which produce no event for a while)."""
         plist = self._params_list(prompts, params)
         for p, sp in zip(prompts, plist):  # check everything before queueing anything
             self.scheduler.check([int(t) for t in p], sp)
-        index = {self.add_request(p, sp).rid: i for i, (p, sp) in enumerate(zip(prompts, plist))}
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        index = {r.rid: i for i, r in enumerate(reqs)}
         pending = set(index)
         while pending:
             if self.scheduler.idle:
                 raise RuntimeError("engine went idle with requests pending (internal error)")
-            for req, tok in self.step():
+            events = self.step()
+            if on_step is not None:
+                on_step(reqs)
+            for req, tok in events:
                 if req.rid in index:
                     done = req.status != "running"
                     if done:

@@ -81,8 +81,9 @@ class ModelRunner:
             except StopIteration as done:
                 return done.value
 
-    def prefill_steps(self, seq: SeqSlots, tokens: list[int]) -> Generator[None, None, torch.Tensor]:
-        """`prefill` as a generator that returns the logits (V,) and pauses between pieces of at least
+    def prefill_steps(self, seq: SeqSlots, tokens: list[int]) -> Generator[float, None, torch.Tensor]:
+        """`prefill` as a generator that returns the logits (V,) and pauses (yielding the fraction of the
+        prompt's work done, in [0, 1)) between pieces of at least
         one chunk's worth of work (prefill_chunk tokens through every layer): the engine decodes the
         other requests between the pieces of a long prompt. A prompt of at most one chunk runs without
         a pause. The layer-major path pauses only between layers, so one piece of a prompt longer than
@@ -97,8 +98,9 @@ class ModelRunner:
         with torch.inference_mode():
             return self.model.lm_head(hidden)[0]  # (V,)
 
-    def _prefill_chunked(self, seq: SeqSlots, tokens: list[int]) -> Generator[None, None, torch.Tensor]:
+    def _prefill_chunked(self, seq: SeqSlots, tokens: list[int]) -> Generator[float, None, torch.Tensor]:
         """One chunk through all layers at a time, by the model's own modules; final hidden (1, D)."""
+        first = seq.length
         while True:
             with torch.inference_mode():
                 start = seq.length
@@ -110,9 +112,9 @@ class ModelRunner:
                 seq.length = start + len(piece)
             if seq.length >= len(tokens):
                 return hidden[0, -1:]
-            yield
+            yield (seq.length - first) / (len(tokens) - first)
 
-    def _prefill_layer_major(self, seq: SeqSlots, tokens: list[int]) -> Generator[None, None, torch.Tensor]:
+    def _prefill_layer_major(self, seq: SeqSlots, tokens: list[int]) -> Generator[float, None, torch.Tensor]:
         """All new tokens through one layer at a time (MLA); final hidden (1, D). See the module doc.
 
         Pauses between layers once at least a chunk's worth of work (prefill_chunk x layers token-layers)
@@ -131,7 +133,7 @@ class ModelRunner:
         for i, layer in enumerate(m.layers):
             if done >= budget:
                 done = 0
-                yield
+                yield i / len(m.layers)
             with torch.inference_mode():
                 self._layer_major_one(i, layer, x, cos, sin, chunks, seq, slots, start)
             done += n

@@ -34,6 +34,7 @@ class Request:
     status: str = "waiting"  # waiting | running | finished | failed
     finish_reason: str | None = None  # stop | length | error
     error: str | None = None
+    prefill_progress: float = 0.0  # fraction of the prompt's prefill work done (1.0 once prefilled)
 
     @property
     def budget(self) -> int:
