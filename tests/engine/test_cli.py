@@ -58,6 +58,22 @@ def test_generate_command_long_prompt_shows_prefill_progress(checkpoint, capsys)
     assert rc == 0 and "prefill:" not in capsys.readouterr().err  # short prompts: no bar
 
 
+def test_prefill_bar_follows_progress_and_closes() -> None:
+    from types import SimpleNamespace
+
+    from dsv2.engine.cli import _PrefillBar
+
+    reqs = [SimpleNamespace(status="running", prefill_progress=0.0) for _ in range(2)]
+    bar = _PrefillBar(True)
+    reqs[0].prefill_progress = 0.5
+    bar.update(reqs)
+    assert bar.bar is not None and bar.bar.n == 25
+    reqs[0].prefill_progress, reqs[1].status = 1.0, "failed"  # a failed request counts as done
+    bar.update(reqs)
+    assert bar.bar is None  # closed at 100%
+    assert _PrefillBar(False).bar is None
+
+
 def test_generate_command_batch_and_quantised(checkpoint, capsys) -> None:
     folder, _, _ = checkpoint
     rc = main(["--model", str(folder), "--prompt", "whether", "--prompt", "the slings and arrows",

@@ -66,6 +66,31 @@ def test_batched_decode_impls_generate_the_reference_tokens(mla_model, mla_refs,
     assert eng.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW]) == mla_refs
 
 
+def test_batch_view_several_new_tokens_per_sequence(mla_model) -> None:
+    """BatchView with T = 3 new tokens on top of cached prefixes of different lengths (scattered blocks),
+    through the model's attend_absorbed: the full forward's logits at those positions."""
+    from dsv2.engine.attention import BatchView
+
+    eng = Engine(mla_model, max_tokens=256, block_size=4)
+    holds = [eng.cache.reserve(4) for _ in range(eng.cache.num_blocks)]
+    for h in holds[::2]:
+        eng.cache.release(h)
+    prompts = [PROMPTS[3], PROMPTS[0], PROMPTS[2][:40]]
+    seqs = [eng.cache.reserve(len(p) + 3) for p in prompts]
+    for s, p in zip(seqs, prompts):
+        eng.runner.prefill(s, p)
+    new = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
+    starts = [s.length for s in seqs]
+    ids = torch.tensor(new)  # (B,3)
+    pos = torch.tensor(starts)[:, None] + torch.arange(3)[None, :]  # (B,3)
+    with torch.no_grad():
+        got = mla_model.lm_head(mla_model.forward_hidden(ids, pos, cache=BatchView(eng.cache, seqs, starts),
+                                                         attn_impl="absorbed"))  # (B,3,V)
+        for i, (p, n) in enumerate(zip(prompts, new)):
+            want = mla_model(torch.tensor([p + n]))[0, -3:]
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+
+
 def test_requests_join_and_leave_mid_flight(mla_model, mla_refs) -> None:
     eng = Engine(mla_model, max_tokens=512, block_size=4)
     reqs = {0: eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))}
@@ -180,7 +205,12 @@ def test_impl_choices_are_checked(mla_model) -> None:
         Engine(mla_model, max_tokens=64, prefill_impl="rows")
     with pytest.raises(ValueError, match="decode_impl"):
         Engine(mla_model, max_tokens=64, decode_impl="paged")
-    assert Engine(mla_model, max_tokens=64).runner.decode_impl == "fast"  # auto, on the CPU
+    from dsv2.engine.runner import choose_decode_impl
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert choose_decode_impl(cpu, [5, 9, 700]) == "fast"
+    assert choose_decode_impl(gpu, [90, 120, 100]) == "absorbed"  # even lengths: one gathered batch
+    assert choose_decode_impl(gpu, [4000, 5, 9, 12]) == "fast"  # padding would dominate the gather
 
 
 def test_fragmented_cache_gives_the_same_tokens(mla_model, mla_refs) -> None:

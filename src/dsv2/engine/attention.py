@@ -67,10 +67,12 @@ class BatchView:
     def __init__(self, cache: PagedCache, seqs: list[SeqSlots], starts: list[int]) -> None:
         self.cache, self.seqs, self.starts = cache, seqs, starts
         self._plan: tuple[torch.Tensor, ...] | None = None  # (new slots, gather index, valid, mask), per step
+        self._plan_t = -1
 
     def _plan_for(self, t: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Slot indices of the new rows and of every row, the same for all layers of this step."""
-        if self._plan is None:
+        """Slot indices of the new rows and of every row (on the cache's device), built once per step:
+        the same for every layer."""
+        if self._plan is None or self._plan_t != t:
             lens = [s + t for s in self.starts]
             s_max = max(lens)
             new = torch.cat([self.cache.slots(seq, st, t) for seq, st in zip(self.seqs, self.starts)])  # (B*T,)
@@ -81,7 +83,8 @@ class BatchView:
             valid = key[None, :] < torch.tensor(lens)[:, None]  # (B,S_max)
             q_pos = torch.tensor(self.starts)[:, None] + torch.arange(t)[None, :]  # (B,T)
             mask = (key[None, None, :] <= q_pos[:, :, None])[:, None]  # (B,1,T,S_max)
-            self._plan = (new, index, valid.to(device), mask.to(device))
+            self._plan = (new.to(device), index.to(device), valid.to(device), mask.to(device))
+            self._plan_t = t
         return self._plan
 
     def update(self, layer_idx: int, new: tuple[torch.Tensor, ...]

@@ -96,17 +96,19 @@ def run_generate(args: argparse.Namespace) -> int:
     outs: list[list[int]] = [[] for _ in prompts]
     shown = ""
     bar = _PrefillBar(max(map(len, prompts)) > args.prefill_chunk)
-    for ev in engine.stream(prompts, params, on_step=bar.update):
-        if ev.finish_reason == "error":
-            print(f"\nerror: request {ev.index} failed: {ev.error}", file=sys.stderr)
-            return 1
-        outs[ev.index].append(ev.token)
-        if len(prompts) == 1:  # stream the text: print what the new token added to the decoded string
-            text = tokenizer.decode(outs[0])
-            if text.startswith(shown):
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-    bar.close()
+    try:
+        for ev in engine.stream(prompts, params, on_step=bar.update):
+            if ev.finish_reason == "error":
+                print(f"\nerror: request {ev.index} failed: {ev.error}", file=sys.stderr)
+                return 1
+            outs[ev.index].append(ev.token)
+            if len(prompts) == 1:  # stream the text: print what the new token added to the decoded string
+                text = tokenizer.decode(outs[0])
+                if text.startswith(shown):
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+    finally:
+        bar.close()
     wall = time.perf_counter() - t0
     if len(prompts) == 1:
         print()
@@ -139,7 +141,8 @@ class _PrefillBar:
     def update(self, reqs: list) -> None:
         if self.bar is None:
             return
-        done = sum(r.prefill_progress for r in reqs) / len(reqs)
+        # a request that finished or failed counts as prefilled
+        done = sum(1.0 if r.status in ("finished", "failed") else r.prefill_progress for r in reqs) / len(reqs)
         self.bar.update(round(100 * done) - self.bar.n)
         if done >= 1.0:
             self.close()

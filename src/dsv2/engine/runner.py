@@ -32,6 +32,17 @@ DECODE_IMPLS = ("auto", "fast", "absorbed", "expanded")
 PREFILL_IMPLS = ("layer", "chunked")
 
 
+def choose_decode_impl(device: torch.device, lengths: list[int]) -> str:
+    """decode_impl="auto" for one step. CPU: "fast", per-sequence attention straight over the pool (no
+    copy; the CPU runs it as fast as a batch). Elsewhere: "absorbed", one gathered, padded batch through
+    the model's modules (a few kernels per layer instead of ~a dozen per sequence per layer, which would
+    leave a GPU launch-bound), unless padding would more than double the rows gathered (one long
+    sequence among short ones), where the per-sequence path reads less."""
+    if device.type == "cpu":
+        return "fast"
+    return "absorbed" if len(lengths) * max(lengths) <= 2 * sum(lengths) + len(lengths) else "fast"
+
+
 class ModelRunner:
     """Owns no state of its own beyond derived weights; sequences live in the `PagedCache`."""
 
@@ -44,11 +55,6 @@ class ModelRunner:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.cache, self.cfg = model, cache, model.config
-        if decode_impl == "auto":
-            # CPU: per-sequence attention straight over the pool (no copy; the CPU runs it as fast as a
-            # batch). Elsewhere: one gathered batch through the model's modules, a few kernels per layer
-            # instead of ~a dozen per sequence per layer (a GPU step would be launch-bound otherwise).
-            decode_impl = "fast" if model.lm_head.weight.device.type == "cpu" else "absorbed"
         self.prefill_chunk, self.decode_impl, self.prefill_impl = prefill_chunk, decode_impl, prefill_impl
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
@@ -184,8 +190,11 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B,1)
         starts = [s.length for s in seqs]
         pos = torch.tensor(starts, dtype=torch.long, device=self.device)[:, None]  # (B,1)
-        if self.decode_impl != "fast":
-            impl = self.decode_impl if self.mla else "expanded"
+        impl = self.decode_impl
+        if impl == "auto":
+            impl = choose_decode_impl(self.device, starts)
+        if impl != "fast":
+            impl = impl if self.mla else "expanded"
             hidden = self.model.forward_hidden(ids, pos, cache=BatchView(self.cache, seqs, starts),
                                                attn_impl=impl)
         else:
