@@ -105,25 +105,15 @@ class Engine:
         for req in sch.admit():
             self._prefilling[req.rid] = self.runner.prefill_steps(req.slots, req.prompt)
         for req in [r for r in sch.running if r.rid in self._prefilling]:
-            t0 = time.perf_counter()
             try:
-                req.prefill_progress = next(self._prefilling[req.rid])
-                self.stats.prefill_s += time.perf_counter() - t0
-                continue  # more of the prompt next step
-            except StopIteration as done:
-                del self._prefilling[req.rid]
-                req.prefill_progress = 1.0
-                try:
-                    tok = sample_token(done.value, req.params, req.generator)
-                except Exception as e:
-                    sch.retire(req, "error", f"{type(e).__name__}: {e}")
-                    continue
+                logits = self._advance_prefill(req)
+                if logits is None:
+                    continue  # more of the prompt next step
+                tok = sample_token(logits, req.params, req.generator)
             except Exception as e:  # one bad request must not take the others (or the cache) down
-                del self._prefilling[req.rid]
+                self._prefilling.pop(req.rid, None)
                 sch.retire(req, "error", f"{type(e).__name__}: {e}")
                 continue
-            self.stats.prefill_s += time.perf_counter() - t0
-            self.stats.prefill_tokens += len(req.prompt)
             events.append(self._emit(req, tok))
         batch = [r for r in sch.running if r.rid not in self._prefilling]  # includes the just-prefilled
         self.stats.max_running = max(self.stats.max_running, len(batch))
@@ -137,6 +127,20 @@ class Engine:
             self.stats.decode_steps.append((len(batch), dt))
             events.extend(self._emit(r, t) for r, t in zip(batch, toks) if t is not None)
         return events
+
+    def _advance_prefill(self, req: Request) -> torch.Tensor | None:
+        """One piece of `req`'s prefill: None while more of the prompt remains, else the last logits (V,)."""
+        t0 = time.perf_counter()
+        try:
+            req.prefill_progress = next(self._prefilling[req.rid])
+            return None
+        except StopIteration as done:
+            del self._prefilling[req.rid]
+            req.prefill_progress = 1.0
+            self.stats.prefill_tokens += len(req.prompt)
+            return done.value
+        finally:
+            self.stats.prefill_s += time.perf_counter() - t0
 
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int | None]:
         try:

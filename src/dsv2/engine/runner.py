@@ -88,12 +88,12 @@ class ModelRunner:
                 return done.value
 
     def prefill_steps(self, seq: SeqSlots, tokens: list[int]) -> Generator[float, None, torch.Tensor]:
-        """`prefill` as a generator that returns the logits (V,) and pauses (yielding the fraction of the
-        prompt's work done, in [0, 1)) between pieces of at least
-        one chunk's worth of work (prefill_chunk tokens through every layer): the engine decodes the
-        other requests between the pieces of a long prompt. A prompt of at most one chunk runs without
-        a pause. The layer-major path pauses only between layers, so one piece of a prompt longer than
-        prefill_chunk x layers tokens is a whole layer over all its tokens."""
+        """`prefill` as a generator: it returns the logits (V,), and pauses between pieces of at least one
+        chunk's worth of work (prefill_chunk tokens through every layer), yielding the fraction of the
+        prompt's work done so far, in (0, 1). The engine decodes the other requests between the pieces
+        of a long prompt; a prompt of at most one chunk runs without a pause. The layer-major path
+        pauses only between layers, so one piece of a prompt longer than prefill_chunk x layers tokens
+        is a whole layer over all its tokens."""
         if seq.length >= len(tokens):
             raise ValueError(f"prefill needs at least one new token (sequence holds {seq.length} of {len(tokens)})")
         if self.mla and self.prefill_impl == "layer":
