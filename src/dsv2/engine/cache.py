@@ -32,6 +32,11 @@ def parse_bytes(text: str | int | float) -> int:
     return units.parse_bytes(text, "kv_memory")
 
 
+def _indexable(t: torch.Tensor) -> torch.Tensor:
+    """t, or its bytes for fp8 (PyTorch has no index_copy / index_select kernels for fp8 on the CPU)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 class BlockAllocator:
     """Free/used map of NB blocks with first-fit contiguous allocation (bytearray.find runs in C)."""
 
@@ -196,9 +201,7 @@ class PagedCache:
         """Store rows (N, W) at flat slots (N,) of one layer."""
         slots = slots.to(self.pools[layer][0].device)
         for t, part in zip(self.pools[layer], self.format.encode(rows)):
-            if t.dtype == torch.float8_e4m3fn:  # no index_copy kernel for fp8 on CPU: move the bytes
-                t, part = t.view(torch.uint8), part.view(torch.uint8)
-            t.view(-1, t.shape[-1]).index_copy_(0, slots, part)
+            _indexable(t).view(-1, t.shape[-1]).index_copy_(0, slots, _indexable(part))
 
     def read_run(self, layer: int, start: int, n: int) -> torch.Tensor:
         """Rows (n, W) at slots [start, start+n): a zero-copy view of the pool for plain formats."""
@@ -209,13 +212,7 @@ class PagedCache:
         """Rows (..., W) at flat slots (...) of one layer, decoded: one indexing op per stored part, so a
         whole decode batch is read in a few kernels whatever the sequences' lengths and block tables."""
         idx = slots.to(self.pools[layer][0].device).flatten()
-        parts = []
-        for t in self.pools[layer]:
-            flat = t.view(-1, t.shape[-1])
-            if t.dtype == torch.float8_e4m3fn:  # no index kernel for fp8 on CPU: move the bytes
-                parts.append(flat.view(torch.uint8).index_select(0, idx).view(t.dtype))
-            else:
-                parts.append(flat.index_select(0, idx))
+        parts = [_indexable(t).view(-1, t.shape[-1]).index_select(0, idx).view(t.dtype) for t in self.pools[layer]]
         rows = parts[0] if self.format.plain else self.format.decode(parts)
         return rows.view(*slots.shape, rows.shape[-1])
 
