@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from _common import synced, timed_rounds
+from _common import DTYPES, synced, timed_rounds
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine, SamplingParams, parse_bytes
 from dsv2.model import DeepseekV2
@@ -30,7 +30,7 @@ def lite_shape(layers: int, attention_type: str, vocab: int) -> ModelConfig:
 
 
 def run(attn: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dt = DTYPES[args.dtype]
     torch.manual_seed(0)
     model = DeepseekV2(lite_shape(args.layers, attn, args.vocab), dtype=dt, device=args.device).eval()
     eng = Engine(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch=args.max_batch,
@@ -97,7 +97,7 @@ def main() -> None:
           f"V2-Lite attention shape, {args.layers} dense layers, {args.dtype}; KV budget {args.kv_memory} "
           f"({parse_bytes(args.kv_memory) / 2**20:.0f} MiB); {args.requests} requests of {args.prompt_len} + "
           f"{args.new_tokens} tokens", flush=True)
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dt = DTYPES[args.dtype]
     print(f"one Linear 2048->10944 at M rows, vs one row: {gemm_probe(args.device, dt)}", flush=True)
     if args.probe_only:
         return

@@ -5,6 +5,8 @@ Shapes: B batch, T tokens, D hidden_size, I intermediate size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,10 +33,18 @@ def compute_weight(weight: torch.Tensor, owner: object | None = None, slot: str 
         return weight
     if owner is None or (torch.is_grad_enabled() and weight.requires_grad):
         return weight.float()  # training: upcast on the fly so gradients reach the stored weight
+    return _derived(weight, owner, slot, lambda w: w.float())
+
+
+def _derived(weight: torch.Tensor, owner: object, slot: str,
+             make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """make(weight), cached on `owner` under `slot` and rebuilt when the weight changes in place (its
+    version counter moves: optimizer steps, load_state_dict, no_grad in-place ops), is replaced, moved
+    or cast. Writes through `.data` bypass the version counter and are not seen."""
     key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
     cached = getattr(owner, slot, None)
     if cached is None or cached[0] != key:
-        cached = (key, weight.detach().float())
+        cached = (key, make(weight.detach()))
         setattr(owner, slot, cached)
     return cached[1]
 
@@ -49,16 +59,10 @@ def packed_weight(weight: torch.Tensor, owner: object, slot: str = "_packed") ->
     For the M = 2..~100 row GEMMs of batched decode, MKL's plain sgemm re-reads the weight almost once
     per row (8 rows of a 2048x10944 weight: ~5x the one-row time); the packed weight keeps the rows'
     work in cache and runs 1.6-3.3x faster there (benchmarks/throughput.py --probe-only), and no
-    slower for prefill-sized M. The copy is rebuilt when the weight changes in place (its version
-    counter moves: optimizer steps, load_state_dict, no_grad in-place ops); writes through `.data`
-    bypass that counter and are not seen.
+    slower for prefill-sized M. Kept fresh as `_derived` keeps every cached copy.
     """
-    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
-    cached = getattr(owner, slot, None)
-    if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), 16))
-        setattr(owner, slot, cached)
-    return cached[1]
+    return _derived(weight, owner, slot,
+                    lambda w: torch.ops.mkldnn._reorder_linear_weight(w.float().contiguous(), 16))
 
 
 def upcast_dtype(x: torch.Tensor) -> torch.dtype | None:
