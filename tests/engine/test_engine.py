@@ -361,3 +361,42 @@ def test_compiled_engine_gives_the_eager_tokens() -> None:
     prompts, params = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_new_tokens=4)
     eager = Engine(models[0], max_tokens=128).generate(prompts, params)
     assert Engine(models[1], max_tokens=128, compile=True).generate(prompts, params) == eager
+
+
+def test_logprobs_are_the_log_softmax_of_the_full_forward(mla_model) -> None:
+    """SamplingParams(logprobs=k): each token's log-probability and the top k equal a log-softmax of the
+    plain forward's logits at that position."""
+    prompt = PROMPTS[0]
+    eng = Engine(mla_model, max_tokens=128, block_size=8)
+    req = eng.add_request(prompt, SamplingParams(max_new_tokens=5, logprobs=3))
+    while eng.has_unfinished():
+        eng.step()
+    assert len(req.logprobs) == len(req.output) == 5
+    with torch.no_grad():
+        ref = mla_model(torch.tensor([prompt + req.output]))[0, len(prompt) - 1: -1].log_softmax(-1)  # (5,V)
+    for row, lp in zip(ref, req.logprobs):
+        assert lp.logprob == pytest.approx(float(row[lp.token]), abs=1e-4)
+        top_v, top_i = row.topk(3)
+        assert [t for t, _ in lp.top] == top_i.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top_v.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["waiting", "prefilling", "decoding"])
+def test_abort_frees_blocks_at_every_stage(mla_model, mla_refs, stage: str) -> None:
+    eng = Engine(mla_model, max_tokens=96, block_size=8, max_batch=1, prefill_chunk=8)
+    other = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))
+    victim = eng.add_request(PROMPTS[3], SamplingParams(max_new_tokens=20))
+    if stage != "waiting":
+        while other.status != "finished":
+            eng.step()
+        eng.step()  # victim admitted; its 21-token prompt needs 3 prefill pieces of 8
+        assert victim.status == "running"
+        if stage == "decoding":
+            while len(victim.output) < 2:
+                eng.step()
+    assert eng.abort(victim.rid) and not eng.abort(victim.rid)
+    assert victim.finish_reason == "abort" and victim.status == "finished"
+    while eng.has_unfinished():
+        eng.step()
+    assert other.output == mla_refs[0]
+    assert eng.cache.allocator.num_free == eng.cache.num_blocks

@@ -20,7 +20,7 @@ import torch
 
 from dsv2.engine.cache import PagedCache
 from dsv2.engine.runner import ModelRunner
-from dsv2.engine.sampling import SamplingParams, is_finished, sample_batch, sample_token
+from dsv2.engine.sampling import SamplingParams, is_finished, sample_batch, sample_token, token_logprobs
 from dsv2.engine.scheduler import Request, Scheduler
 from dsv2.model import DeepseekV2
 
@@ -114,7 +114,7 @@ class Engine:
                 self._prefilling.pop(req.rid, None)
                 sch.retire(req, "error", f"{type(e).__name__}: {e}")
                 continue
-            events.append(self._emit(req, tok))
+            events.append(self._emit(req, tok, logits[None]))
         batch = [r for r in sch.running if r.rid not in self._prefilling]  # includes the just-prefilled
         self.stats.max_running = max(self.stats.max_running, len(batch))
         if batch:
@@ -125,8 +125,24 @@ class Engine:
             self.stats.decode_s += dt
             self.stats.decode_tokens += len(batch)
             self.stats.decode_steps.append((len(batch), dt))
-            events.extend(self._emit(r, t) for r, t in zip(batch, toks) if t is not None)
+            events.extend(self._emit(r, t, logits[i: i + 1]) for i, (r, t) in enumerate(zip(batch, toks))
+                          if t is not None)
         return events
+
+    def abort(self, rid: int) -> bool:
+        """Stop request `rid` wherever it is (queued, prefilling, decoding): its blocks are freed now and it
+        finishes with reason "abort". False when no live request has that id (already finished, unknown)."""
+        req = self.scheduler.abort(rid)
+        if req is None:
+            return False
+        gen = self._prefilling.pop(rid, None)
+        if gen is not None:
+            gen.close()
+        return True
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is still queued or running."""
+        return not self.scheduler.idle
 
     def _advance_prefill(self, req: Request) -> torch.Tensor | None:
         """One piece of `req`'s prefill: None while more of the prompt remains, else the last logits (V,)."""
@@ -155,8 +171,11 @@ class Engine:
                     toks.append(None)
             return toks
 
-    def _emit(self, req: Request, tok: int) -> tuple[Request, int]:
+    def _emit(self, req: Request, tok: int, logits: torch.Tensor) -> tuple[Request, int]:
+        """Record `req`'s new token (and its log-probabilities under logits (1, V) when asked for)."""
         req.output.append(tok)
+        if req.params.logprobs is not None:
+            req.logprobs.extend(token_logprobs(logits, [tok], [req.params.logprobs]))
         reason = is_finished(req.output, req.params)
         if reason is not None:
             self.scheduler.retire(req, reason)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20
+
 
 class SamplingError(ValueError):
     """A SamplingParams field with an invalid value; the message names the field."""
@@ -28,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    logprobs: int | None = None  # None = off; k >= 0: the sampled token's log-probability and the k most likely
 
     def __post_init__(self) -> None:
         # frozen dataclass: normalise the stop ids to a tuple without going through __setattr__
@@ -51,6 +54,9 @@ class SamplingParams:
              "must be None or an integer >= 0")
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative integers")
+        need(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                       and 0 <= self.logprobs <= MAX_LOGPROBS),
+             "logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         if vocab_size is not None:
             need(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
                  f"must be < vocab_size={vocab_size}")
@@ -120,6 +126,27 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
         if not p.greedy:
             out[i] = sample_token(logits[i], p, generators[i])
     return out
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """log p(token) under the model's distribution (log-softmax of the raw logits, before temperature /
+    top-k / top-p), and the `k` most likely tokens with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: list[int]) -> list[TokenLogprob]:
+    """TokenLogprob of tokens[i] under logits[i] (B, V), with the k[i] most likely tokens of each row."""
+    lp = logits.float().log_softmax(dim=-1)  # (B,V)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    kmax = max(k, default=0)
+    top_v, top_i = (lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return [TokenLogprob(t, c, tuple(zip(top_i[r][: k[r]], top_v[r][: k[r]])))
+            for r, (t, c) in enumerate(zip(tokens, chosen))]
 
 
 def is_finished(tokens: list[int], params: SamplingParams) -> str | None:

@@ -16,7 +16,7 @@ import torch
 
 from dsv2.config import ModelConfig
 from dsv2.engine.cache import CacheError, PagedCache, SeqSlots
-from dsv2.engine.sampling import SamplingParams, make_generator
+from dsv2.engine.sampling import SamplingParams, TokenLogprob, make_generator
 
 
 class RequestError(ValueError):
@@ -32,7 +32,8 @@ class Request:
     output: list[int] = field(default_factory=list)
     slots: SeqSlots | None = None
     status: str = "waiting"  # waiting | running | finished | failed
-    finish_reason: str | None = None  # stop | length | error
+    finish_reason: str | None = None  # stop | length | abort | error
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when params.logprobs is set
     error: str | None = None
     prefill_progress: float = 0.0  # fraction of the prompt's prefill work done (1.0 once prefilled)
 
@@ -108,6 +109,20 @@ class Scheduler:
         req.finish_reason, req.error = reason, error
         if reason == "error":
             self.failed[req.rid] = req
+
+    def abort(self, rid: int) -> Request | None:
+        """Finish request `rid` with reason "abort" wherever it is (waiting or running), freeing its blocks.
+        Returns the request, or None when no live request has that id."""
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self.retire(req, "abort")
+                return req
+        for req in self.running:
+            if req.rid == rid:
+                self.retire(req, "abort")
+                return req
+        return None
 
     @property
     def idle(self) -> bool:
