@@ -52,13 +52,21 @@ class Reference:
         self.model = DeepseekV2.from_pretrained(folder, dtype=torch.float32).eval()
         self.tok = load_tokenizer(folder)
         self.eos = self.model.config.eos_token_id
-        self.name = folder.name
+        self.name, self.folder = folder.name, folder
 
     def generate(self, prompts: list[list[int]], **kw) -> list[list[int]]:
         kw.setdefault("stop_token_ids", (self.eos,))
         params = [SamplingParams(**{k: (v[i] if isinstance(v, list) else v) for k, v in kw.items()})
                   for i in range(len(prompts))]
         return Engine(self.model, max_tokens=8192).generate(prompts, params)
+
+    def chat_ids(self, conversations: list[list[dict]] | list[dict]) -> list[list[int]]:
+        """Prompts as transformers renders the folder's chat template (the independent reference)."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(self.folder))
+        return [list(tok.apply_chat_template(c if isinstance(c, list) else [c], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)) for c in conversations]
 
     def text(self, ids: list[int]) -> str:
         return self.tok.decode(ids)

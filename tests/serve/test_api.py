@@ -105,19 +105,11 @@ def test_echo_and_logprobs_equal_log_softmax(client, ref) -> None:
         assert top == pytest.approx(torch.topk(lp[t - 1], 3).values.tolist(), abs=1e-4)
 
 
-def _chat_ids(ckpt, messages) -> list[int]:
-    """The prompt as transformers renders the folder's chat template (the independent reference)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-
-
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is a class?"}]
 
 
-def test_chat_greedy_and_stream_equal_engine_generate(client, ref, ckpt) -> None:
-    ids = _chat_ids(ckpt, MESSAGES)
+def test_chat_greedy_and_stream_equal_engine_generate(client, ref) -> None:
+    ids = ref.chat_ids([MESSAGES])[0]
     want = ref.generate([ids], max_new_tokens=20, temperature=0.0)[0]
     r = client.chat.completions.create(model=ref.name, messages=MESSAGES, max_tokens=20, temperature=0)
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == ref.text(want)
@@ -129,8 +121,8 @@ def test_chat_greedy_and_stream_equal_engine_generate(client, ref, ckpt) -> None
     assert chunks[-1].choices[0].finish_reason == ("stop" if want[-1] == ref.eos else "length")
 
 
-def test_chat_seeded_n_and_logprobs(client, ref, ckpt) -> None:
-    ids = _chat_ids(ckpt, MESSAGES)
+def test_chat_seeded_n_and_logprobs(client, ref) -> None:
+    ids = ref.chat_ids([MESSAGES])[0]
     r = client.chat.completions.create(model=ref.name, messages=MESSAGES, max_tokens=12, temperature=1.0, seed=11,
                                        n=2, logprobs=True, top_logprobs=2)
     want = ref.generate([ids, ids], max_new_tokens=12, temperature=1.0, seed=[11, 12])

@@ -97,10 +97,25 @@ def build_state(args: argparse.Namespace):
 
 
 def _server_class():
+    import asyncio
+
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server without re-raising the signal after the graceful shutdown (so: exit status 0)."""
+        """uvicorn's server with dsv2's shutdown: `grace` seconds after SIGINT/SIGTERM, `drain()` aborts what is
+        still running (so every open stream ends with finish_reason "abort" and [DONE] instead of a cut
+        connection); and no re-raising of the signal afterwards, so the process exits with status 0."""
+
+        def __init__(self, config: uvicorn.Config, drain, grace: float) -> None:
+            super().__init__(config)
+            self.drain, self.grace = drain, grace
+
+        async def shutdown(self, sockets=None) -> None:
+            timer = asyncio.get_running_loop().call_later(self.grace, self.drain)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -142,9 +157,10 @@ def run_serve(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"dsv2 serve: model {state.model_name!r} listening on http://{shown}:{port} "
           f"(OpenAI base_url http://{shown}:{port}/v1)", flush=True)
+    # uvicorn's own deadline is a backstop: the drain at --shutdown-timeout ends the streams first
     config = uvicorn.Config(create_app(state), log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")
-    _server_class()(config).run(sockets=[sock])
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5, access_log=args.log_level == "debug")
+    _server_class()(config, drain=state.loop.stop, grace=args.shutdown_timeout).run(sockets=[sock])
     state.loop.stop()  # no-op after a normal lifespan shutdown
     return 0
 

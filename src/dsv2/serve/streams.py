@@ -74,14 +74,18 @@ async def collect(request: Request, loop: EngineLoop, jobs: list[Job], chan: Cha
     """Wait for every choice to finish; aborts them all if the client disconnects or one fails."""
     results = [Result() for _ in jobs]
     left, done = len(jobs), False
+    aloop = asyncio.get_running_loop()
+    next_check = aloop.time() + DISCONNECT_POLL_S
     try:
         while left:
-            try:
-                i, item = await asyncio.wait_for(chan.queue.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
+            if aloop.time() >= next_check:  # tokens may arrive faster than the poll: check by the clock
+                next_check = aloop.time() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     log.info("client disconnected: aborting %d request(s)", len(jobs))
                     return results
+            try:
+                i, item = await asyncio.wait_for(chan.queue.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
                 continue
             if isinstance(item, Failure):
                 raise failure_error(item)
