@@ -30,7 +30,7 @@ from dsv2.config import ModelConfig
 from dsv2.engine import SamplingError, SamplingParams
 from dsv2.serve import render
 from dsv2.serve.chat import ChatTemplate, TemplateError
-from dsv2.serve.loop import EngineLoop, Job, QueueFull
+from dsv2.serve.loop import EngineLoop, Job, QueueFull, ServerStopping
 from dsv2.serve.metrics import ServerMetrics
 from dsv2.serve.protocol import APIError, ChatRequest, CompletionRequest, bad, parse
 from dsv2.serve.streams import Channel, collect, sse
@@ -171,6 +171,8 @@ class _Handlers:
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later", None, "queue_full",
                            type="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except ServerStopping as e:
+            raise APIError(503, str(e), None, "shutting_down", type="server_error") from None
         return jobs, chan
 
     # ---- /v1/completions ---------------------------------------------------------------------

@@ -73,6 +73,10 @@ class QueueFull(Exception):
     """More requests are waiting for admission than --max-queue allows."""
 
 
+class ServerStopping(Exception):
+    """The loop is stopping (shutdown): no new requests."""
+
+
 class EngineLoop:
     """Runs `engine` on a daemon thread until `stop()`."""
 
@@ -96,6 +100,8 @@ class EngineLoop:
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs (all or none); QueueFull when they would overfill the admission queue."""
         with self._lock:
+            if self._stopping.is_set():
+                raise ServerStopping("the server is shutting down")
             if self._waiting + len(jobs) > self.max_queue:
                 raise QueueFull(f"{self._waiting} requests are waiting (max {self.max_queue})")
             self._waiting += len(jobs)
@@ -112,7 +118,8 @@ class EngineLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort everything still running and end the thread."""
-        self._stopping.set()
+        with self._lock:
+            self._stopping.set()
         self._inbox.put(("stop", None))
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -127,21 +134,32 @@ class EngineLoop:
                     cmds.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            for kind, arg in cmds:
-                if kind == "add":
-                    for job in arg:
-                        self._add(job)
-                elif kind == "abort":
-                    for job in arg:
-                        self._finish(job, "abort", abort=True)
-                elif kind == "stop":
-                    for job in list(self._jobs.values()):
-                        self._finish(job, "abort", abort=True)
-                    self._update_gauges()
+            try:
+                if not self._iterate(cmds):
                     return
-            if self.engine.has_unfinished():
-                self._step()
-            self._update_gauges()
+            except Exception:  # a bug here must not leave every handler waiting forever
+                log.exception("engine loop iteration failed")
+                for job in list(self._jobs.values()):
+                    self._fail(job, "internal error in the engine loop")
+
+    def _iterate(self, cmds: list[tuple[str, object]]) -> bool:
+        """Apply the commands, then run one engine step; False once told to stop."""
+        for kind, arg in cmds:
+            if kind == "add":
+                for job in arg:
+                    self._add(job)
+            elif kind == "abort":
+                for job in arg:
+                    self._finish(job, "abort", abort=True)
+            elif kind == "stop":
+                for job in list(self._jobs.values()):
+                    self._finish(job, "abort", abort=True)
+                self._update_gauges()
+                return False
+        if self.engine.has_unfinished():
+            self._step()
+        self._update_gauges()
+        return True
 
     def _add(self, job: Job) -> None:
         try:
