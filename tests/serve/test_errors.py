@@ -31,6 +31,7 @@ def _chat(ref, **kw):
 BAD_COMPLETIONS = [  # (overrides, param)
     ({"temperature": -0.5}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"n": 0}, "n"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,8 +157,10 @@ class _Handlers:
                 top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else float(body.top_p),
                 seed=None if body.seed is None else body.seed + index, logprobs=logprobs,
                 stop_token_ids=() if body.ignore_eos or eos is None else (eos,))
-        except SamplingError as e:  # our own checks run first; this names the engine's field
-            raise bad(str(e), None) from None
+        except SamplingError as e:  # our own checks run first (this catches e.g. an infinite temperature)
+            field_ = re.search(r"SamplingParams\.(\w+)", str(e))
+            name = field_.group(1) if field_ else None
+            raise bad(str(e), {"max_new_tokens": "max_tokens", "logprobs": "logprobs"}.get(name, name)) from None
 
     def _submit(self, prompts: list[list[int]], body: Any, max_new: list[int], logprobs: int | None,
                 echo_logprobs: int | None) -> tuple[list[Job], Channel]:
