@@ -1,6 +1,6 @@
 """`dsv2 serve` under load: MLA vs an MHA baseline of the same dims, same KV budget, one run.
 
-    python benchmarks/serve.py            # concurrency 1, 8, 32, 64; ~2 requests per slot at each level
+    python benchmarks/serve.py            # concurrency 1, 8, 32, 64; 2 requests per slot (>= 16) per level
     python benchmarks/serve.py --quick    # fewer requests, shorter prompts: a smoke run of a minute or two
 
 For each attention type it writes a random-weight checkpoint (the demo's model dims, `--preset`-sized
@@ -149,7 +149,7 @@ def main() -> int:
     per_slot = 1 if a.quick else 2
 
     def mix(c: int) -> list[tuple[list[int], int]]:
-        n = max(4, per_slot * c)
+        n = max(8 if a.quick else 16, per_slot * c)
         return [([rng.randrange(3, MODEL["vocab_size"]) for _ in range(rng.randint(lo, hi))], rng.randint(16, 128))
                 for _ in range(n)]
 
@@ -159,23 +159,24 @@ def main() -> int:
     print(f"dsv2 serve benchmark: {'quick, ' if a.quick else ''}prompts {lo}-{hi} tokens, max_tokens 512, outputs "
           f"stopped after 16-128 tokens, KV budget {a.kv_memory} per server, cpu_count {os.cpu_count()}; "
           f"the load generator shares the machine with the server")
-    results: dict[str, dict[int, dict[str, float]]] = {}
+    results: dict[str, dict[int, dict[str, float]]] = {"mla": {}, "mha": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for attn in ("mla", "mha"):
-            folder = make_checkpoint(Path(tmp) / attn, attn)
-            srv = ServerProcess(folder, ["--kv-memory", a.kv_memory, "--max-batch", "64", "--max-queue", "4096"],
-                                Path(tmp) / f"{attn}.log")
-            try:
-                asyncio.run(_wait_ready(srv.port))
-                results[attn] = {}
-                for c in levels:
-                    r = asyncio.run(level(srv.port, attn, mixes[c], c))
-                    results[attn][c] = r
+        servers = {}
+        try:
+            for attn in results:  # both servers up at once (an idle one only waits on its queue) ...
+                folder = make_checkpoint(Path(tmp) / attn, attn)
+                servers[attn] = ServerProcess(folder, ["--kv-memory", a.kv_memory, "--max-batch", "64",
+                                                       "--max-queue", "4096"], Path(tmp) / f"{attn}.log")
+                asyncio.run(_wait_ready(servers[attn].port))
+            for c in levels:  # ... so that each level runs MLA then MHA back to back, under the same load
+                for attn, srv in servers.items():
+                    r = results[attn][c] = asyncio.run(level(srv.port, attn, mixes[c], c))
                     print(f"  {attn.upper()} c={c:3d}: {r['req_s']:6.2f} req/s  {r['tok_s']:7.1f} tok/s  "
                           f"TTFT p50 {r['ttft50'] * 1e3:7.0f} ms p99 {r['ttft99'] * 1e3:7.0f} ms  "
                           f"ITL p50 {r['itl50'] * 1e3:6.1f} ms p99 {r['itl99'] * 1e3:7.1f} ms  ({r['wall']:.0f}s)",
                           flush=True)
-            finally:
+        finally:
+            for srv in servers.values():
                 srv.close()
     print("\nMLA / MHA (same dims, same KV budget): throughput ratios > 1 and latency ratios < 1 favour MLA")
     print(f"{'c':>4} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
