@@ -135,3 +135,13 @@ def test_chat_seeded_n_and_logprobs(client, ref) -> None:
             row = lp[len(ids) - 1 + j]
             assert e.logprob == pytest.approx(float(row[w[j]]), abs=1e-4)
             assert [t.logprob for t in e.top_logprobs] == pytest.approx(torch.topk(row, 2).values.tolist(), abs=1e-4)
+
+
+def test_stream_echo_and_n_choices_interleave(client, ref) -> None:
+    ids = ref.ids(PROMPTS[0])
+    want = ref.generate([ids, ids], max_new_tokens=10, temperature=1.0, seed=[4, 5])
+    chunks = [c for c in client.completions.create(model=ref.name, prompt=PROMPTS[0], max_tokens=10, temperature=1,
+                                                   seed=4, n=2, echo=True, stream=True) if c.choices]
+    for i in range(2):
+        mine = [c.choices[0].text for c in chunks if c.choices[0].index == i]
+        assert mine[0] == PROMPTS[0] and "".join(mine) == PROMPTS[0] + ref.text(want[i])
