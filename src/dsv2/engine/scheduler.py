@@ -1,14 +1,19 @@
-"""Continuous batching: requests wait until the cache can hold them, run together, retire one by one.
+"""Continuous batching: the one owner of every request's state, and of what each step computes.
 
-A request is admitted (FIFO) only when the cache can reserve its whole budget: the prompt plus the
-max_new_tokens - 1 generated tokens that will be fed back (the last sampled token never enters the
-cache). Because running requests own their blocks outright, a full cache makes new requests wait;
-it never evicts or overwrites a running one.
+A request's progress is one number, `num_computed`: how many of its tokens (prompt, then generated)
+have rows in the cache. Each step the scheduler picks work under a token budget
+(`max_num_batched_tokens`): first one token for every running request that has finished its prompt
+(decode), then prompt chunks (at most `prefill_chunk` tokens each) of requests still prefilling, then
+newly admitted requests (FIFO). A request is admitted only when the cache can reserve its whole budget:
+the prompt plus the max_new_tokens - 1 generated tokens that will be fed back (the last sampled token
+never enters the cache). Because running requests own their blocks outright, a full cache makes new
+requests wait; it never evicts or overwrites a running one.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -16,6 +21,7 @@ import torch
 
 from dsv2.config import ModelConfig
 from dsv2.engine.cache import CacheError, PagedCache, SeqSlots
+from dsv2.engine.config import EngineConfig
 from dsv2.engine.sampling import SamplingParams, TokenLogprob, make_generator
 
 
@@ -35,22 +41,37 @@ class Request:
     finish_reason: str | None = None  # stop | length | abort | error
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when params.logprobs is set
     error: str | None = None
-    prefill_progress: float = 0.0  # fraction of the prompt's prefill work done (1.0 once prefilled)
+    num_computed: int = 0  # tokens (prompt, then generated) whose rows are in the cache
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
 
     @property
     def budget(self) -> int:
         """Tokens this request will ever write to the cache."""
         return len(self.prompt) + self.params.max_new_tokens - 1
 
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= len(self.prompt)
+
+    @property
+    def prefill_progress(self) -> float:
+        """Fraction of the prompt in the cache (1.0 once prefilled)."""
+        return min(1.0, self.num_computed / len(self.prompt))
+
+    def next_tokens(self, n: int) -> list[int]:
+        """The n tokens to compute next: prompt tokens while prefilling, else the last generated one."""
+        if self.prefilled:
+            return self.output[-1:]
+        return self.prompt[self.num_computed: self.num_computed + n]
+
 
 class Scheduler:
     """FIFO admission under a block budget and a batch-size cap; owns the request lifecycle."""
 
-    def __init__(self, cfg: ModelConfig, cache: PagedCache, max_batch: int = 64,
+    def __init__(self, cfg: ModelConfig, cache: PagedCache, config: EngineConfig,
                  device: torch.device | str = "cpu") -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.cfg, self.cache, self.max_batch, self.device = cfg, cache, max_batch, device
+        self.cfg, self.cache, self.config, self.device = cfg, cache, config, device
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.failed: dict[int, Request] = {}  # rid -> request that raised; popped by whoever reports it
@@ -85,18 +106,31 @@ class Scheduler:
         self.waiting.append(req)
         return req
 
-    def admit(self) -> list[Request]:
-        """Move waiting requests (in order) into the running set while blocks and batch slots last."""
-        admitted = []
-        while self.waiting and len(self.running) < self.max_batch:
+    def schedule(self) -> list[tuple[Request, int]]:
+        """This step's work: (request, number of new tokens) pairs under the token budget, decodes first,
+        then prefill chunks of running requests, then newly admitted ones (FIFO)."""
+        budget = self.config.max_num_batched_tokens
+        plan: list[tuple[Request, int]] = []
+        for req in self.running:
+            if req.prefilled:
+                plan.append((req, 1))
+                budget -= 1
+        for req in self.running:
+            if not req.prefilled and budget > 0:
+                n = min(len(req.prompt) - req.num_computed, self.config.prefill_chunk, budget)
+                plan.append((req, n))
+                budget -= n
+        while self.waiting and len(self.running) < self.config.max_batch and budget > 0:
             req = self.waiting[0]
             if not self.cache.can_reserve(req.budget):
                 break  # FIFO: later requests do not jump the queue
             req.slots = self.cache.reserve(req.budget)
             req.status = "running"
             self.running.append(self.waiting.popleft())
-            admitted.append(req)
-        return admitted
+            n = min(len(req.prompt), self.config.prefill_chunk, budget)
+            plan.append((req, n))
+            budget -= n
+        return plan
 
     def retire(self, req: Request, reason: str, error: str | None = None) -> None:
         """Free the request's blocks and take it out of the running set."""
