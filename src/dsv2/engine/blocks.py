@@ -30,6 +30,15 @@ block enters the back of the LRU queue and an uncached one the free pool. `free`
 backwards, so a request's tail is queued (and evicted) before its prefix, the part most likely shared.
 A hit on an unreferenced cached block takes it out of the queue again.
 
+**Protocol** (what the scheduler calls): at admission `admit(rid, tokens, num_tokens, reserve)`
+(hits + the first chunk's blocks, atomically, keeping `reserve` blocks as a watermark; `peek_prefix`
+first to size the chunk) and compute from the returned token count on; before each step
+`allocate(rid, num_computed + n)` for the n tokens scheduled (False: preempt someone and retry);
+after each step `cache_full_blocks(rid, tokens, num_computed)`, num_computed counting only tokens whose
+rows are in the cache for *every* layer; `free(rid)` on finish, abort and preemption. A preempted
+request is re-admitted with `admit(rid, prompt + output)`: its own registered blocks come back as hits
+unless they were evicted meanwhile.
+
 Every operation costs O(blocks it touches): OrderedDicts for the free pool and the LRU queue, a dict
 for hash -> block. Only `check_invariants` (a debugging aid for tests) scans every block.
 """
