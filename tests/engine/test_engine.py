@@ -33,6 +33,12 @@ def full_forward_greedy(model: DeepseekV2, prompt: list[int], n: int) -> list[in
     return ids[len(prompt):]
 
 
+def all_blocks_free(eng: Engine) -> bool:
+    """No request holds a block (cached blocks of finished requests count as free: evictable)."""
+    eng.scheduler.blocks.check_invariants()
+    return eng.scheduler.blocks.num_free == eng.cache.num_blocks
+
+
 PROMPTS = [[1, 5, 9, 33, 7], [1, 7], [3] * 70, list(range(10, 31)), [100, 200, 300]]
 MAX_NEW = [8, 3, 12, 6, 10]
 
@@ -55,7 +61,7 @@ def test_generate_equals_full_forward_loop(attn: str, mla_model, mla_refs) -> No
     eng = Engine(model, max_tokens=256, block_size=8, max_batch=3, prefill_chunk=16)
     outs = eng.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW])
     assert outs == refs
-    assert eng.cache.allocator.num_free == eng.cache.num_blocks  # everything released
+    assert all_blocks_free(eng)  # everything released
 
 
 def test_gathered_decode_generates_the_reference_tokens(mla_model, mla_refs) -> None:
@@ -173,7 +179,7 @@ def test_request_too_long_errors(mla_model) -> None:
         eng.add_request([1, 512], SamplingParams())
     with pytest.raises(SamplingError, match="SamplingParams.top_p"):
         eng.generate([[1, 2]], SamplingParams(top_p=0))
-    assert eng.scheduler.idle and eng.cache.allocator.num_free == eng.cache.num_blocks
+    assert eng.scheduler.idle and all_blocks_free(eng)
 
 
 def test_bad_request_leaves_others_and_cache_intact(mla_model, mla_refs) -> None:
@@ -192,7 +198,7 @@ def test_bad_request_leaves_others_and_cache_intact(mla_model, mla_refs) -> None
     def poisoned(work):
         out = real(work)
         for j, w in enumerate(work):  # request 0 only (sampled, so multinomial rejects its NaNs)
-            if out[j] is not None and any(r.slots.reserved is w.block_table and r.prompt == PROMPTS[0]
+            if out[j] is not None and any(eng2.scheduler.block_table(r) == w.block_table and r.prompt == PROMPTS[0]
                                           for r in eng2.scheduler.running):
                 out[j] = torch.full_like(out[j], float("nan"))
         return out
@@ -205,7 +211,7 @@ def test_bad_request_leaves_others_and_cache_intact(mla_model, mla_refs) -> None
     assert list(info.value.errors) == [0]
     assert info.value.outputs[1] == Engine(mla_model, max_tokens=128).generate([PROMPTS[1]], seeded)[0]
     assert info.value.outputs[2] == mla_refs[2]
-    assert eng2.cache.allocator.num_free == eng2.cache.num_blocks
+    assert all_blocks_free(eng2)
 
 
 def test_failure_inside_a_step_fails_its_request_alone(mla_model, mla_refs) -> None:
@@ -225,7 +231,7 @@ def test_failure_inside_a_step_fails_its_request_alone(mla_model, mla_refs) -> N
         eng.step()
     assert long.status == "failed" and "injected failure" in long.error
     assert short.output == mla_refs[0]
-    assert eng.cache.allocator.num_free == eng.cache.num_blocks
+    assert all_blocks_free(eng)
 
 
 def test_seeded_sampling_does_not_depend_on_batch(mla_model) -> None:
@@ -318,4 +324,4 @@ def test_abort_frees_blocks_at_every_stage(mla_model, mla_refs, stage: str) -> N
     while eng.has_unfinished():
         eng.step()
     assert other.output == mla_refs[0]
-    assert eng.cache.allocator.num_free == eng.cache.num_blocks
+    assert all_blocks_free(eng)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from dsv2.engine.attention import DECODE_IMPLS
 from dsv2.engine.quant import CACHE_DTYPES
 
+ALLOCATIONS = ("on_demand", "reserve")
+
 
 class EngineConfigError(ValueError):
     """An engine setting with an invalid value; the message names the field."""
@@ -31,6 +33,9 @@ class EngineConfig:
     rope_bf16: bool = False  # keep k_R in bf16 when the latent is quantised
     kv_group: int | None = None  # quantisation group of the cache formats (default per format)
     compile: bool = False  # torch.compile the MLP / MoE blocks
+    prefix_caching: bool = True  # reuse cached full blocks of identical prompt prefixes
+    allocation: str = "on_demand"  # on_demand (blocks as tokens arrive) | reserve (prompt + max_new_tokens up front)
+    watermark: float = 0.01  # fraction of blocks admission leaves free for running requests to grow into
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -49,6 +54,8 @@ class EngineConfig:
             pos_int(name)
         for name in ("max_tokens", "decode_chunk", "kv_group"):
             pos_int(name, optional=True)
+        need(self.allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}")
+        need(isinstance(self.watermark, int | float) and 0 <= self.watermark < 1, "watermark", "must be in [0, 1)")
         need(self.max_num_batched_tokens >= self.max_batch, "max_num_batched_tokens",
              f"must be >= max_batch={self.max_batch} (every running sequence decodes each step)")
 

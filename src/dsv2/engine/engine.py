@@ -55,7 +55,11 @@ class EngineStats:
     decode_s: float = 0.0
     steps: int = 0
     max_running: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens not computed thanks to the prefix cache
+    preemptions: int = 0
     decode_steps: list[tuple[int, float]] = field(default_factory=list)  # (batch size, seconds) per step
+
+    prefix_hit_rate: float = 0.0  # fraction of looked-up full prompt blocks found in the prefix cache
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -117,29 +121,34 @@ class Engine:
         A step carries one token of every decoding request and prompt chunks of prefilling ones (a long
         prompt is prefilled over several steps, so it never stalls the others' decoding for long); a
         request samples its first token in the step that computes the end of its prompt."""
-        plan = self.scheduler.schedule()
+        sch = self.scheduler
+        plan = sch.schedule()
         self.stats.steps += 1
         if not plan:
             return []
-        work = [SeqWork(r.slots.reserved, r.num_computed, r.next_tokens(n),
-                        "last" if r.num_computed + n >= len(r.prompt) else "none") for r, n in plan]
+        work = [SeqWork(sch.block_table(r), r.num_computed, r.next_tokens(n),
+                        "last" if n == r.pending else "none") for r, n in plan]
+        decoding = [r.decoding for r, _ in plan]
         t0 = time.perf_counter()
         results = self._execute(plan, work)
         dt = time.perf_counter() - t0
-        n_pre = sum(n for r, n in plan if not r.prefilled)
-        n_dec = sum(1 for r, _ in plan if r.prefilled)
+        n_dec = sum(decoding)
+        n_pre = sum(n for (_, n), d in zip(plan, decoding) if not d)
         self.stats.prefill_tokens += n_pre
         self.stats.decode_tokens += n_dec
         self.stats.prefill_s += dt * n_pre / (n_pre + n_dec)  # a mixed step's time is shared by tokens
         self.stats.decode_s += dt * n_dec / (n_pre + n_dec)
         if n_dec:
             self.stats.decode_steps.append((n_dec, dt))
-        self.stats.max_running = max(self.stats.max_running, len(self.scheduler.running))
+        self.stats.max_running = max(self.stats.max_running, len(sch.running))
+        bst = sch.blocks.stats
+        self.stats.prefix_hit_tokens, self.stats.prefix_hit_rate = bst.hit_tokens, bst.hit_rate
+        self.stats.preemptions = sch.num_preemptions
         ready = []
         for (req, n), logits in zip(plan, results):
             if req.status != "running":  # failed in _execute
                 continue
-            req.num_computed += n
+            sch.computed(req, n)
             if logits is not None:
                 ready.append((req, logits))
         return self._sample(ready)
@@ -265,4 +274,5 @@ class Engine:
         return {"kv_cache_dtype": c.format.name, "bytes_per_token": c.bytes_per_token,
                 "bits_per_element": round(c.format.bits_per_element(), 3),
                 "capacity_tokens": c.capacity_tokens, "cache_bytes": c.nbytes(),
-                "free_blocks": c.allocator.num_free, "num_blocks": c.num_blocks}
+                "free_blocks": self.scheduler.blocks.num_free, "cached_blocks": self.scheduler.blocks.num_cached,
+                "num_blocks": c.num_blocks}
