@@ -121,3 +121,22 @@ def test_slot_runs_merge_consecutive_blocks() -> None:
     assert slot_runs([5], 0, 4) == ()
     with pytest.raises(IndexError, match="need 2 blocks"):
         slot_runs([1], 5, 4)
+
+
+@pytest.mark.parametrize("first", [10, 62])
+@pytest.mark.parametrize("kv", ["fp32", "int8"])
+def test_prefix_attended_absorbed_or_expanded(models, first: int, kv: str) -> None:
+    """A chunk on top of a cached prefix: 62 cached + 8 new tokens attend the prefix absorbed (few
+    queries: scoring the latent is cheaper than decompressing it), 10 cached + 60 new expanded (key
+    blocks of 16); both give the dense reference's logits."""
+    model = models["mla"]
+    eng = Engine(model, kv_cache_dtype=kv, max_tokens=256, block_size=4, key_block=16)
+    toks = [(13 * i + 7) % 500 for i in range(70)]
+    slots = eng.cache.reserve(len(toks))
+    eng.runner.execute([SeqWork(slots.reserved, 0, toks[:first], "none")])
+    got = eng.runner.execute([SeqWork(slots.reserved, first, toks[first:], "all")])[0]
+    store = None if kv == "fp32" else _roundtrip(eng)
+    with torch.no_grad():
+        want = model(torch.tensor([toks]), cache=DenseCache(store))[0, first:]
+    tol = 1e-5 if kv == "fp32" else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)

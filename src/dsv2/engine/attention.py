@@ -134,6 +134,17 @@ def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ca
     return ((s - lse[..., None]).exp() @ v.float()).to(q.dtype), lse
 
 
+def latent_lse(q: torch.Tensor, rows: torch.Tensor, c: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed attention of absorbed queries q (T,H,C+R) over latent rows (n,C+R) and its log-sum-exp:
+    (latent output (T,H,C) fp32, lse (T,H) fp32). rows are used in q's dtype."""
+    t, h, w = q.shape
+    s = (rows.to(q.dtype) @ q.reshape(t * h, w).T).T.float() * scale  # (T*H,n)
+    lse = s.logsumexp(dim=-1)
+    p = (s - lse[:, None]).exp_()
+    o = p.to(q.dtype) @ rows[:, :c].to(q.dtype)  # (T*H,C)
+    return o.float().view(t, h, c), lse.view(t, h)
+
+
 def merge_lse(acc: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor, lse: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold one block's (out, lse) into the running (acc fp32, lse) of the blocks before it."""

@@ -18,6 +18,7 @@ from dsv2.engine.attention import (
     choose_decode_impl,
     grouped_decode,
     latent_decode,
+    latent_lse,
     merge_lse,
     sdpa_lse,
     seq_rows,
@@ -76,16 +77,40 @@ class PagedBackend:
         return attn.absorbed_output(o_lat).to(dtype)
 
     def _mla_prefill(self, attn: MLA, layer: int, s: SeqSpan, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
-        """Expanded attention of one sequence's T new tokens, key block by key block. -> (T,H*Dv)."""
+        """Attention of one sequence's T new tokens, key block by key block, merged by log-sum-exp -> (T,H*Dv).
+
+        The new tokens' own block is always expanded (causal). The cached prefix is expanded too, unless
+        T is so small that decompressing every prefix key (2·C·H·(Dn+Dv) FLOPs a key) costs more than
+        scoring the latent rows directly (absorbed: ~2·H·(2C - Dn - Dv) more FLOPs a query-key pair than
+        expanded): below T* = C·(Dn+Dv) / (2C - Dn - Dv) (170 on V2) the prefix is attended absorbed,
+        e.g. a short question after a cached system prompt, or a small chunk of a long prompt."""
         c = attn.kv_rank
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)[None]  # (1,H,T,E)
         acc = None
-        for a, b, causal in self._key_ranges(s):
+        ranges = self._key_ranges(s)
+        denom = 2 * c - attn.d_nope - attn.d_v
+        if s.ctx and denom > 0 and s.q_len * denom < c * (attn.d_nope + attn.d_v):
+            acc = self._absorbed_prefix(attn, layer, s, q_nope, q_pe, ranges[:-1])
+            ranges = ranges[-1:]
+        for a, b, causal in ranges:
             rows = self._rows(layer, s, a, b).to(q.dtype)  # (n,C+R)
             k, v = attn.expand_kv(rows[None, :, :c], rows[None, :, c:])  # (1,H,n,E)
-            acc = merge_lse(acc, *sdpa_lse(q, k, v, attn.scale, causal))
-        o = acc[0][0].to(q.dtype)  # (H,T,E)
-        return o[..., : attn.d_v].transpose(0, 1).flatten(1)  # (T,H*Dv)
+            o, lse = sdpa_lse(q, k, v, attn.scale, causal)
+            acc = merge_lse(acc, o[..., : attn.d_v], lse)  # V was padded to E: keep the first Dv
+        return acc[0][0].to(q.dtype).transpose(0, 1).flatten(1)  # (H,T,Dv) -> (T,H*Dv)
+
+    def _absorbed_prefix(self, attn: MLA, layer: int, s: SeqSpan, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                         ranges: list[tuple[int, int, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached prefix attended absorbed: (out (1,H,T,Dv) fp32 after W_UV, lse (1,H,T)), ready to
+        merge with expanded blocks (W_UV is linear, so it commutes with the log-sum-exp merge)."""
+        cdt = torch.float32 if self.upcast else q_nope.dtype
+        qa = attn.absorb_query(q_nope, q_pe, cdt)  # (T,H,C+R)
+        acc = None
+        for a, b, _ in ranges:
+            o, lse = latent_lse(qa, self._rows(layer, s, a, b), attn.kv_rank, attn.scale)  # (T,H,C), (T,H)
+            acc = merge_lse(acc, o, lse)
+        o = attn.absorbed_output(acc[0].to(cdt)).view(s.q_len, attn.n_heads, attn.d_v)  # (T,H,Dv)
+        return o.float().transpose(0, 1)[None], acc[1].transpose(0, 1)[None]
 
     def _rows(self, layer: int, s: SeqSpan, a: int, b: int) -> torch.Tensor:
         """Rows (b-a, W) of tokens [a, b) of a sequence as one tensor (a copy only across block runs)."""
