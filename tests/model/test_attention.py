@@ -1,5 +1,5 @@
 """MLA: expanded vs absorbed paths, incremental decoding with DenseCache, and both against a float64
-re-computation of DESIGN §1 (per head, interleaved-pair RoPE, YaRN from the formulas).
+re-computation of DeepSeek-V2 §2.1 (per head, interleaved-pair RoPE, YaRN from the formulas).
 MHA/GQA/MQA baselines against a naive float64 reference."""
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ class DeepseekV2(nn.Module):
         return logits, self.aux_stats(input_ids.shape)
 
     def aux_stats(self, shape: torch.Size) -> dict[str, torch.Tensor]:
-        """Balance losses (DESIGN §1), summed over MoE layers, from the routing of the last forward."""
+        """Balance losses (DeepSeek-V2 §2.2.3), summed over MoE layers, from the routing of the last forward."""
         c = self.config
         dev = self.lm_head.weight.device
         zero = torch.zeros((), device=dev)
