@@ -20,6 +20,7 @@ import torch
 
 from _common import DTYPES, machine, timed_rounds, transformers_twin
 from dsv2 import DeepseekV2, ModelConfig
+from dsv2.precision import prepare
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     cfg = ModelConfig.from_preset("deepseek-v2-lite", num_hidden_layers=args.layers,
                                   first_k_dense_replace=1 if args.moe else args.layers)
     torch.manual_seed(0)
-    model = DeepseekV2(cfg, dtype=dtype).eval()
+    model = prepare(DeepseekV2(cfg, dtype=dtype).eval())  # the CPU precision pass the engine applies too
     for moe in model.moe_layers():  # decisive routing, as trained routers have
         moe.gate.weight.data.mul_(50)
     ids = torch.randint(0, cfg.vocab_size, (1, args.tokens))

@@ -29,6 +29,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     from dsv2 import DeepseekV2, ModelConfig, parallel
+    from dsv2.precision import prepare
     from dsv2.train.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
@@ -36,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
     overrides = json.loads(args.override)
     cfg = ModelConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(0)
-    model = DeepseekV2(cfg, dtype=torch.float32)
+    model = prepare(DeepseekV2(cfg, dtype=torch.float32))  # the CPU precision pass, as `dsv2 train`
     model, ctx = parallel.setup(model, mode=args.mode, expert_parallel=args.ep, ctx=ctx)
     opt = build_optimizer(model, lr=1e-4)
     g = torch.Generator().manual_seed(1)

@@ -5,8 +5,10 @@
 
 Both models get identical weights (transformers loads the folder dsv2 writes) and run the same step:
 forward under autocast -> cross-entropy (+ dsv2's balance losses, as `dsv2 train` does) -> backward ->
-clip 1.0 -> AdamW (0.9, 0.95), wd 0.1. Steps alternate between the two models so machine noise hits
-both alike; tokens/s over the timed steps of each and the ratio are printed.
+clip 1.0 -> AdamW (0.9, 0.95), wd 0.1. dsv2's model gets the CPU precision pass `dsv2 train` applies
+(dsv2.precision.prepare: on CPUs without native bf16 GEMMs, bf16-autocast matmuls run in fp32). Steps
+alternate between the two models so machine noise hits both alike; tokens/s over the timed steps of each
+and the ratio are printed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv2 import DeepseekV2, ModelConfig
+from dsv2.precision import prepare
 from dsv2.train.optim import build_optimizer
 
 
@@ -92,7 +95,7 @@ def main() -> None:
     ref = DeepseekV2(cfg, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        runners = {"dsv2": Runner(DeepseekV2.from_pretrained(tmp, dtype=torch.float32),
+        runners = {"dsv2": Runner(prepare(DeepseekV2.from_pretrained(tmp, dtype=torch.float32)),
                                   dsv2_step_noaux if a.no_aux else dsv2_step, a.dtype),
                    "transformers": Runner(transformers.AutoModelForCausalLM.from_pretrained(
                        tmp, dtype=torch.float32), hf_step, a.dtype)}

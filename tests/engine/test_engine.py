@@ -18,7 +18,7 @@ def tiny_model(attn: str = "mla", seed: int = 1, **kw) -> DeepseekV2:
     cfg = ModelConfig.from_preset("tiny", **ATTN[attn], **kw)
     model = DeepseekV2(cfg).eval()
     model.reset_parameters(seed=seed)
-    with torch.no_grad():  # a decisive router: no near-ties between experts (DESIGN §5)
+    with torch.no_grad():  # a decisive router: a 0.02-std router has near-ties between experts
         for moe in model.moe_layers():
             moe.gate.weight.mul_(50)
     return model
@@ -31,6 +31,12 @@ def full_forward_greedy(model: DeepseekV2, prompt: list[int], n: int) -> list[in
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def all_blocks_free(eng: Engine) -> bool:
+    """No request holds a block (cached blocks of finished requests count as free: evictable)."""
+    eng.scheduler.blocks.check_invariants()
+    return eng.scheduler.blocks.num_free == eng.cache.num_blocks
 
 
 PROMPTS = [[1, 5, 9, 33, 7], [1, 7], [3] * 70, list(range(10, 31)), [100, 200, 300]]
@@ -55,40 +61,14 @@ def test_generate_equals_full_forward_loop(attn: str, mla_model, mla_refs) -> No
     eng = Engine(model, max_tokens=256, block_size=8, max_batch=3, prefill_chunk=16)
     outs = eng.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW])
     assert outs == refs
-    assert eng.cache.allocator.num_free == eng.cache.num_blocks  # everything released
+    assert all_blocks_free(eng)  # everything released
 
 
-@pytest.mark.parametrize("impl", ["absorbed", "expanded"])
-def test_batched_decode_impls_generate_the_reference_tokens(mla_model, mla_refs, impl: str) -> None:
-    """decode_impl='absorbed' / 'expanded' (one gathered, padded batch through the model's modules: the
-    GPU-friendly path) under continuous batching give the full-forward loop's tokens."""
-    eng = Engine(mla_model, max_tokens=256, block_size=8, max_batch=3, prefill_chunk=16, decode_impl=impl)
+def test_gathered_decode_generates_the_reference_tokens(mla_model, mla_refs) -> None:
+    """decode_impl='gathered' (one padded batch through the model's attend_absorbed: the GPU-friendly
+    path) under continuous batching gives the full-forward loop's tokens."""
+    eng = Engine(mla_model, max_tokens=256, block_size=8, max_batch=3, prefill_chunk=16, decode_impl="gathered")
     assert eng.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW]) == mla_refs
-
-
-def test_batch_view_several_new_tokens_per_sequence(mla_model) -> None:
-    """BatchView with T = 3 new tokens on top of cached prefixes of different lengths (scattered blocks),
-    through the model's attend_absorbed: the full forward's logits at those positions."""
-    from dsv2.engine.attention import BatchView
-
-    eng = Engine(mla_model, max_tokens=256, block_size=4)
-    holds = [eng.cache.reserve(4) for _ in range(eng.cache.num_blocks)]
-    for h in holds[::2]:
-        eng.cache.release(h)
-    prompts = [PROMPTS[3], PROMPTS[0], PROMPTS[2][:40]]
-    seqs = [eng.cache.reserve(len(p) + 3) for p in prompts]
-    for s, p in zip(seqs, prompts):
-        eng.runner.prefill(s, p)
-    new = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
-    starts = [s.length for s in seqs]
-    ids = torch.tensor(new)  # (B,3)
-    pos = torch.tensor(starts)[:, None] + torch.arange(3)[None, :]  # (B,3)
-    with torch.no_grad():
-        got = mla_model.lm_head(mla_model.forward_hidden(ids, pos, cache=BatchView(eng.cache, seqs, starts),
-                                                         attn_impl="absorbed"))  # (B,3,V)
-        for i, (p, n) in enumerate(zip(prompts, new)):
-            want = mla_model(torch.tensor([p + n]))[0, -3:]
-            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
 
 
 def test_requests_join_and_leave_mid_flight(mla_model, mla_refs) -> None:
@@ -106,55 +86,13 @@ def test_requests_join_and_leave_mid_flight(mla_model, mla_refs) -> None:
     assert eng.stats.max_running >= 3
 
 
-@pytest.mark.parametrize("kv", ["fp32", "int8", "fp8"])
-def test_fast_decode_matches_model_attend_absorbed(mla_model, kv: str) -> None:
-    """The engine's own attention over the pool vs the model's attend_absorbed/expanded over a gathered,
-    padded batch of the same cache (stored plain or quantised; sequences scattered over the pool)."""
-    logits = {}
-    for impl in ("fast", "absorbed", "expanded"):
-        eng = Engine(mla_model, kv_cache_dtype=kv, max_tokens=256, block_size=4, decode_impl=impl,
-                     decode_chunk=8)
-        holds = [eng.cache.reserve(4) for _ in range(eng.cache.num_blocks)]
-        for h in holds[::2]:  # every other block free: each sequence's rows are scattered
-            eng.cache.release(h)
-        seqs = [eng.cache.reserve(len(p) + 4) for p in PROMPTS[:3]]
-        for s, p in zip(seqs, PROMPTS[:3]):
-            eng.runner.prefill(s, p)
-        logits[impl] = eng.runner.decode(seqs, [4, 5, 6])
-    torch.testing.assert_close(logits["fast"], logits["absorbed"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits["fast"], logits["expanded"], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("impl", ["layer", "chunked"])
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_prefill_logits_equal_full_forward(mla_model, impl: str, chunk: int) -> None:
-    """Prefill (layer-major or chunk-major) over a fragmented cache, in two parts (the second one on
-    top of a cached prefix), gives the full forward's last-token logits after each part."""
-    prompt = [(7 * i + 3) % 500 for i in range(45)]
-    eng = Engine(mla_model, max_tokens=128, block_size=4, prefill_chunk=chunk, prefill_impl=impl)
-    holds = [eng.cache.reserve(4) for _ in range(eng.cache.num_blocks)]
-    for h in holds[::2]:  # every other block free: the sequence's rows are scattered
-        eng.cache.release(h)
-    seq = eng.cache.reserve(len(prompt))
-    assert len(eng.cache.runs(seq, len(prompt))) > 1
-    with torch.no_grad():
-        for part in (30, 45):
-            got = eng.runner.prefill(seq, prompt[:part])
-            want = mla_model(torch.tensor([prompt[:part]]))[0, -1]
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            assert seq.length == part
-    with pytest.raises(ValueError, match="at least one new token"):
-        eng.runner.prefill(seq, prompt)
-
-
-@pytest.mark.parametrize("impl", ["layer", "chunked"])
-def test_long_prefill_is_interleaved_with_decode(mla_model, mla_refs, impl: str) -> None:
+def test_long_prefill_is_interleaved_with_decode(mla_model, mla_refs) -> None:
     """A prompt longer than prefill_chunk is prefilled over several steps while a running request keeps
     decoding; both end with the full-forward loop's tokens."""
-    eng = Engine(mla_model, max_tokens=256, block_size=4, prefill_chunk=16, prefill_impl=impl)
+    eng = Engine(mla_model, max_tokens=256, block_size=4, prefill_chunk=16)
     short = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))
-    eng.step()  # the short prompt fits one chunk: prefilled and decoding in this step
-    assert len(short.output) == 2
+    eng.step()  # the short prompt fits one chunk: prefilled, its first token sampled in this step
+    assert len(short.output) == 1
     long = eng.add_request(PROMPTS[2], SamplingParams(max_new_tokens=MAX_NEW[2]))  # 70 tokens
     steps_while_prefilling, progress = 0, [0.0]
     while not long.output:
@@ -172,24 +110,6 @@ def test_long_prefill_is_interleaved_with_decode(mla_model, mla_refs, impl: str)
     assert [short.output, long.output] == [mla_refs[0], mla_refs[2]]
 
 
-@pytest.mark.parametrize("kv", ["int8", "int4"])
-def test_layer_major_prefill_over_a_quantised_prefix(mla_model, kv: str) -> None:
-    """Second part of a prompt on top of a quantised cached prefix: layer-major and chunked prefill both
-    read the prefix as stored and the new rows at full precision, so they agree."""
-    prompt = [(5 * i + 1) % 500 for i in range(45)]
-    got = {}
-    for impl in ("layer", "chunked"):
-        eng = Engine(mla_model, kv_cache_dtype=kv, max_tokens=64, block_size=4, prefill_chunk=64,
-                     prefill_impl=impl)
-        seq = eng.cache.reserve(len(prompt))
-        eng.runner.prefill(seq, prompt[:30])
-        got[impl] = eng.runner.prefill(seq, prompt)
-    torch.testing.assert_close(got["layer"], got["chunked"], rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        want = mla_model(torch.tensor([prompt]))[0, -1]
-    assert not torch.allclose(got["layer"], want, rtol=1e-5, atol=1e-5)  # the prefix really is quantised
-
-
 def test_stream_reports_each_step(mla_model) -> None:
     eng = Engine(mla_model, max_tokens=256, prefill_chunk=16)
     seen: list[list[float]] = []
@@ -201,15 +121,15 @@ def test_stream_reports_each_step(mla_model) -> None:
 
 
 def test_impl_choices_are_checked(mla_model) -> None:
-    with pytest.raises(ValueError, match="prefill_impl"):
-        Engine(mla_model, max_tokens=64, prefill_impl="rows")
     with pytest.raises(ValueError, match="decode_impl"):
         Engine(mla_model, max_tokens=64, decode_impl="paged")
-    from dsv2.engine.runner import choose_decode_impl
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Engine(mla_model, max_tokens=64, max_batch=8, max_num_batched_tokens=4)
+    from dsv2.engine.attention import choose_decode_impl
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
     assert choose_decode_impl(cpu, [5, 9, 700]) == "fast"
-    assert choose_decode_impl(gpu, [90, 120, 100]) == "absorbed"  # even lengths: one gathered batch
+    assert choose_decode_impl(gpu, [90, 120, 100]) == "gathered"  # even lengths: one gathered batch
     assert choose_decode_impl(gpu, [4000, 5, 9, 12]) == "fast"  # padding would dominate the gather
 
 
@@ -259,7 +179,7 @@ def test_request_too_long_errors(mla_model) -> None:
         eng.add_request([1, 512], SamplingParams())
     with pytest.raises(SamplingError, match="SamplingParams.top_p"):
         eng.generate([[1, 2]], SamplingParams(top_p=0))
-    assert eng.scheduler.idle and eng.cache.allocator.num_free == eng.cache.num_blocks
+    assert eng.scheduler.idle and all_blocks_free(eng)
 
 
 def test_bad_request_leaves_others_and_cache_intact(mla_model, mla_refs) -> None:
@@ -270,42 +190,48 @@ def test_bad_request_leaves_others_and_cache_intact(mla_model, mla_refs) -> None
     while not eng.scheduler.idle:
         eng.step()
     assert good.output == mla_refs[0]
-    # a request that blows up inside a step (NaN logits for it alone) fails alone
+    # a request that blows up inside a step (NaN logits for it alone) fails alone, and its seeded
+    # neighbour draws exactly what it draws alone (nobody samples twice)
     eng2 = Engine(mla_model, max_tokens=512, block_size=8)
-    real = eng2.runner.decode
+    real = eng2.runner.execute
 
-    def poisoned(seqs, tokens):
-        out = real(seqs, tokens).clone()
-        for j, s in enumerate(seqs):  # request 0 only (sampled, so multinomial rejects its NaNs)
-            if any(r.slots is s and r.prompt == PROMPTS[0] for r in eng2.scheduler.running):
-                out[j] = float("nan")
+    def poisoned(work):
+        out = real(work)
+        for j, w in enumerate(work):  # request 0 only (sampled, so multinomial rejects its NaNs)
+            if out[j] is not None and any(eng2.scheduler.block_table(r) == w.block_table and r.prompt == PROMPTS[0]
+                                          for r in eng2.scheduler.running):
+                out[j] = torch.full_like(out[j], float("nan"))
         return out
-    eng2.runner.decode = poisoned
-    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=0)] + \
-             [SamplingParams(max_new_tokens=n) for n in MAX_NEW[1:3]]
+    eng2.runner.execute = poisoned
+    seeded = SamplingParams(max_new_tokens=5, temperature=1.0, seed=7)
+    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=0), seeded,
+              SamplingParams(max_new_tokens=MAX_NEW[2])]
     with pytest.raises(GenerationError) as info:
-        eng2.generate([PROMPTS[0]] + PROMPTS[1:3], params)
+        eng2.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], params)
     assert list(info.value.errors) == [0]
-    assert info.value.outputs[1:] == mla_refs[1:3]
-    assert eng2.cache.allocator.num_free == eng2.cache.num_blocks
+    assert info.value.outputs[1] == Engine(mla_model, max_tokens=128).generate([PROMPTS[1]], seeded)[0]
+    assert info.value.outputs[2] == mla_refs[2]
+    assert all_blocks_free(eng2)
 
 
-def test_failure_inside_a_paused_prefill_fails_that_request_alone(mla_model, mla_refs) -> None:
+def test_failure_inside_a_step_fails_its_request_alone(mla_model, mla_refs) -> None:
+    """A forward that raises for one request's prefill chunk (mixed with another's decode) fails that
+    request alone; the other finishes with its reference tokens and every block is freed."""
     eng = Engine(mla_model, max_tokens=256, block_size=4, prefill_chunk=16)
-    real = eng.runner._layer_major_one
+    real = eng.runner.execute
 
-    def flaky(i, *args):  # the long prompt's second layer raises, after its first piece was paused
-        if args[5].reserved == long.slots.reserved and i == 1:
-            raise RuntimeError("injected failure in layer 1")
-        return real(i, *args)
-    eng.runner._layer_major_one = flaky
+    def flaky(work):
+        if any(w.num_computed >= 16 and len(w.tokens) > 1 and set(w.tokens) == {3} for w in work):  # long's 2nd chunk
+            raise RuntimeError("injected failure")
+        return real(work)
+    eng.runner.execute = flaky
     short = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW[0]))
     long = eng.add_request(PROMPTS[2], SamplingParams(max_new_tokens=MAX_NEW[2]))
     while not eng.scheduler.idle:
         eng.step()
-    assert long.status == "failed" and "injected failure in layer 1" in long.error
+    assert long.status == "failed" and "injected failure" in long.error
     assert short.output == mla_refs[0]
-    assert eng.cache.allocator.num_free == eng.cache.num_blocks and not eng._prefilling
+    assert all_blocks_free(eng)
 
 
 def test_seeded_sampling_does_not_depend_on_batch(mla_model) -> None:
@@ -328,25 +254,24 @@ def test_stop_tokens_and_stream(mla_model, mla_refs) -> None:
 
 
 @pytest.mark.parametrize("attn", ["mla", "mha"])
-def test_bf16_fast_decode_close_to_model_path(attn: str) -> None:
+def test_bf16_decode_close_to_the_plain_forward(attn: str) -> None:
     """bf16 weights and cache (the CPU upcast-into-scratch / native-GEMV path where bf16 GEMM is not
-    native) vs the model's own attention over a padded batch (MLA: attend_absorbed, MHA: expanded)."""
+    native; MLA also through the gathered batch) vs the plain bf16 forward's logits."""
+    from dsv2.engine.runner import SeqWork
+
     model = tiny_model(attn).to(torch.bfloat16)
-    logits = {}
-    for impl in ("fast", "absorbed"):
-        eng = Engine(model, kv_cache_dtype="bf16", max_tokens=256, block_size=4, decode_impl=impl,
-                     decode_chunk=16)
+    impls = ("fast", "gathered") if attn == "mla" else ("fast",)
+    for impl in impls:
+        eng = Engine(model, kv_cache_dtype="bf16", max_tokens=256, block_size=4, decode_impl=impl, decode_chunk=16)
         seqs = [eng.cache.reserve(len(p) + 2) for p in PROMPTS[:3]]
-        for s, p in zip(seqs, PROMPTS[:3]):
-            eng.runner.prefill(s, p)
-        logits[impl] = eng.runner.decode(seqs, [4, 5, 6]).float()
-        eng = Engine(model, kv_cache_dtype="bf16", max_tokens=256, decode_impl=impl)  # batch of one
-        seq = eng.cache.reserve(len(PROMPTS[0]) + 2)
-        eng.runner.prefill(seq, PROMPTS[0])
-        logits[impl + "1"] = eng.runner.decode([seq], [4]).float()
-    for a, b in (("fast", "absorbed"), ("fast1", "absorbed1")):
-        err = (logits[a] - logits[b]).abs().max() / logits[b].abs().max()
-        assert err < 0.03, (a, err)
+        eng.runner.execute([SeqWork(s.reserved, 0, p, "none") for s, p in zip(seqs, PROMPTS[:3])])
+        got = eng.runner.execute([SeqWork(s.reserved, len(p), [4 + i]) for i, (s, p) in
+                                  enumerate(zip(seqs, PROMPTS[:3]))])
+        for i, (g, p) in enumerate(zip(got, PROMPTS[:3])):
+            with torch.no_grad():
+                want = model(torch.tensor([p + [4 + i]]))[0, -1].float()
+            err = (g.float() - want).abs().max() / want.abs().max()
+            assert err < 0.03, (impl, i, err)
 
 
 @pytest.mark.slow
@@ -399,4 +324,4 @@ def test_abort_frees_blocks_at_every_stage(mla_model, mla_refs, stage: str) -> N
     while eng.has_unfinished():
         eng.step()
     assert other.output == mla_refs[0]
-    assert eng.cache.allocator.num_free == eng.cache.num_blocks
+    assert all_blocks_free(eng)

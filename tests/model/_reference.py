@@ -1,7 +1,7 @@
-"""Independent references for the model tests: float64 MLA / baseline attention from the DESIGN §1
+"""Independent references for the model tests: float64 MLA / baseline attention from the paper's
 formulas, a per-token router, the small configs the parity tests sweep, and transformers glue.
 
-No formula here calls into dsv2.model: each is written out again from the paper / DESIGN.md so a
+No formula here calls into dsv2.model: each is written out again from the paper (arXiv:2405.04434) so a
 mistake shared with the code under test cannot make a test pass.
 Shapes: B batch, T tokens, H heads, C kv_lora_rank, R rope dim.
 """
@@ -52,7 +52,7 @@ def case_config(name: str) -> ModelConfig:
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int, router_std: float = 1.0, std: float = 0.05) -> None:
     """Weights large enough that logits are O(1), norm weights != 1 (so a skipped norm shows), and a
-    router 50x the 0.02 init so the top-k is decided clearly (DESIGN §5)."""
+    router 50x the 0.02 init so the top-k is decided clearly (at 0.02 near-ties are common)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
         if name.endswith("norm.weight"):
@@ -153,7 +153,7 @@ def _causal_softmax_attend(scores: torch.Tensor, values: torch.Tensor, offset: i
 
 @torch.no_grad()
 def ref_mla(attn: torch.nn.Module, cfg: ModelConfig, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """DESIGN §1 MLA in float64, one head at a time. x (B,T,D), pos (T,) -> (B,T,D)."""
+    """MLA (DeepSeek-V2 §2.1, App. C) in float64, one head at a time. x (B,T,D), pos (T,) -> (B,T,D)."""
     w = {k: v.double() for k, v in attn.state_dict().items()}
     x = x.double()
     h, dn, r, dv, c = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,

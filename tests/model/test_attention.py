@@ -1,5 +1,5 @@
 """MLA: expanded vs absorbed paths, incremental decoding with DenseCache, and both against a float64
-re-computation of DESIGN §1 (per head, interleaved-pair RoPE, YaRN from the formulas).
+re-computation of DeepSeek-V2 §2.1 (per head, interleaved-pair RoPE, YaRN from the formulas).
 MHA/GQA/MQA baselines against a naive float64 reference."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsv2 import DeepseekV2, ModelConfig
-from dsv2.model import GQA, MLA, DenseCache
+from dsv2.model import GQA, MLA, DenseCache, SdpaBackend
 
 from ._reference import (
     ALL_CASES,
@@ -71,8 +71,7 @@ def test_cache_rows_are_latent_and_rope_key_only(case_model) -> None:
     cache = DenseCache()
     model(_ids(c, t=10), cache=cache)
     for layer in range(c.num_hidden_layers):
-        c_kv, k_pe = cache.layers[layer]
-        assert c_kv.shape == (2, 10, c.kv_lora_rank) and k_pe.shape == (2, 10, c.qk_rope_head_dim)
+        assert cache.layers[layer].shape == (2, 10, c.kv_lora_rank + c.qk_rope_head_dim)  # [c_kv ; k_R] rows
     assert c.kv_elements_per_token_per_layer() == c.kv_lora_rank + c.qk_rope_head_dim
 
 
@@ -148,7 +147,7 @@ def test_mla_matches_float64_formulas(case: str, impl: str) -> None:
     pos = torch.arange(SEQ_LEN)
     with torch.no_grad():
         cos, sin = model.rope(pos)
-        got = attn(x, cos, sin, attn_impl=impl)
+        got = attn(x, cos, sin, SdpaBackend(), impl=impl)
     want = ref_mla(attn, cfg, x, pos)
     assert rel_err(got, want) <= 2e-5, f"{case}/{impl}: {rel_err(got, want):.2e}"
     assert attn.scale == pytest.approx(ref_scale(cfg.qk_head_dim, cfg.rope_scaling), rel=1e-12)
@@ -164,7 +163,7 @@ def test_value_width_other_than_query_width(v_head_dim: int) -> None:
     pos = torch.arange(40)
     with torch.no_grad():
         cos, sin = model.rope(pos)
-        e, a = attn(x, cos, sin, attn_impl="expanded"), attn(x, cos, sin, attn_impl="absorbed")
+        e, a = attn(x, cos, sin, SdpaBackend()), attn(x, cos, sin, SdpaBackend(), impl="absorbed")
         ids = _ids(cfg, t=20)
         assert rel_err(model(ids, attn_impl="absorbed"), model(ids)) <= REL
     want = ref_mla(attn, cfg, x, pos)
@@ -219,7 +218,7 @@ def test_baseline_attention_matches_float64(kind: str) -> None:
     pos = torch.arange(SEQ_LEN)
     with torch.no_grad():
         cos, sin = model.rope(pos)
-        got = attn(x, cos, sin)
+        got = attn(x, cos, sin, SdpaBackend())
     want = ref_baseline(attn, cfg, x, pos)
     assert rel_err(got, want) <= 2e-5, f"{kind}: {rel_err(got, want):.2e}"
     hkv = {"mha": 4, "gqa": 2, "mqa": 1}[cfg.attention_type]
@@ -239,5 +238,4 @@ def test_baseline_incremental_equals_full(kind: str) -> None:
     got = torch.cat([model(ids[:, :32], cache=cache)] + [model(ids[:, t : t + 1], cache=cache)
                                                          for t in range(32, 40)], dim=1)
     assert rel_err(got, full) <= REL
-    k, v = cache.layers[0]
-    assert k.shape == v.shape == (2, 40, cfg.kv_heads, cfg.head_dim)
+    assert cache.layers[0].shape == (2, 40, 2 * cfg.kv_heads * cfg.head_dim)  # [k ; v] rows

@@ -116,7 +116,7 @@ def test_v2_softmax_scale_and_yarn_dims(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["deepseek-v2", "deepseek-v2-lite"])
-def test_v2_presets_match_design_table(name: str) -> None:
+def test_v2_presets_match_the_published_configs(name: str) -> None:
     c = ModelConfig.from_preset(name)
     big = name == "deepseek-v2"
     want = dict(num_hidden_layers=60 if big else 27, hidden_size=5120 if big else 2048,

@@ -154,3 +154,17 @@ def test_folder_without_weights_or_config(tmp_path, model) -> None:
     model.config.to_json(tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="no safetensors"):
         DeepseekV2.from_pretrained(tmp_path)
+
+
+def test_a_cache_without_a_length_needs_positions(model) -> None:
+    """A backend that cannot say how many tokens precede the new ones (e.g. the engine's paged backend)
+    with no positions must raise, not silently start RoPE at 0."""
+
+    class Lengthless:
+        def mla(self, *args):  # never reached
+            raise AssertionError("attention ran")
+
+        gqa = mla
+
+    with pytest.raises(ValueError, match="positions are required with a Lengthless"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=Lengthless())

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv2 import DeepseekV2, ModelConfig
-from dsv2.model.layers import MLP, native_low_precision
+from dsv2.model.layers import MLP
 from dsv2.model.moe import Experts, MoE, Routing, drop_tokens, route
+from dsv2.precision import CpuExperts, native_low_precision, prepare
 
 from ._reference import randomize_, ref_route_token, rel_err
 
@@ -129,13 +130,13 @@ def test_dispatch_bf16_close_to_fp32() -> None:
 
 def test_dispatch_bf16_inference_mixes_gemv_and_upcast_experts() -> None:
     """Inference on bf16 experts: experts with <= GEMV_ROWS rows and experts with more both match the
-    float64 reference of the bf16 weights, and no fp32 copy of the experts is cached."""
-    ex = _experts().to(torch.bfloat16)
+    float64 reference of the bf16 weights, and no fp32 copy of the experts is cached (CPU policy)."""
+    ex = prepare(_experts().to(torch.bfloat16))
     logits = torch.randn(20, 8)
     logits[:, 0] += 4.0  # expert 0 takes (nearly) every token, the rest a few each
     x, r = torch.randn(20, 16).bfloat16(), route(logits, 2)
     counts = torch.bincount(r.idx.flatten(), minlength=8)
-    assert counts.max() > Experts.GEMV_ROWS and 0 < counts[counts > 0].min() <= Experts.GEMV_ROWS
+    assert counts.max() > CpuExperts.GEMV_ROWS and 0 < counts[counts > 0].min() <= CpuExperts.GEMV_ROWS
     with torch.inference_mode():
         got = ex(x, r.idx, r.weight)
     ref = _experts()
@@ -150,8 +151,8 @@ def test_dispatch_bf16_inference_mixes_gemv_and_upcast_experts() -> None:
                     reason="bf16 is native here: autocast computes the experts in bf16 by design")
 def test_experts_under_bf16_autocast_compute_in_fp32() -> None:
     """Evaluation under CPU bf16 autocast over fp32 weights (the trainer's eval): where bf16 is not native
-    the experts run in fp32, so the result is fp32-accurate, not bf16-accurate."""
-    ex = _experts()
+    the experts run in fp32 (CPU policy), so the result is fp32-accurate, not bf16-accurate."""
+    ex = prepare(_experts())
     x, r = torch.randn(20, 16), route(torch.randn(20, 8), 2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = ex(x, r.idx, r.weight)

@@ -64,3 +64,36 @@ def test_bad_settings_are_clear_errors(monkeypatch):
         parallel.ExpertParallelMoE(moe, parallel.ParallelContext(world_size=4))
     with pytest.raises(ValueError, match="needs a process group"):
         parallel.apply_expert_parallel(common.build_model(), parallel.ParallelContext())
+
+
+def test_train_cli_fails_fast_when_a_collective_breaks(monkeypatch, capsys):
+    """`dsv2 train` runs training inside parallel.failfast(): in a process group, a collective broken by a
+    dead peer (raised here by a stub trainer, as gloo raises it) prints one line naming the rank and exits
+    1 at once; any other error propagates unchanged."""
+    import dsv2.parallel.dist as pdist
+    from dsv2.train import cli, trainer
+
+    def broken(prep):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:32161: Connection reset by peer")
+
+    def exit_now(code: int):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(trainer, "prepare", lambda args: args)
+    monkeypatch.setattr(trainer, "train", broken)
+    monkeypatch.setattr(pdist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(pdist.dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(pdist.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(pdist.os, "_exit", exit_now)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--steps", "1"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "dsv2 parallel: error: rank 1/2: training failed" in err and "Connection reset by peer" in err, err
+
+    def bug(prep):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)")
+
+    monkeypatch.setattr(trainer, "train", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.main(["--steps", "1"])

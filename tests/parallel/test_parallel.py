@@ -109,6 +109,26 @@ def test_expert_parallel_layer_forward_backward(results, key, cfg_kw):
         assert torch.equal(got["stats"]["expert_load"].long(), load)
 
 
+def test_expert_parallel_layer_never_drops_in_eval_mode(results):
+    """In eval mode a capacity factor is ignored, as in the single-process MoE: every pick is computed and
+    the output equals the MoE without dropping."""
+    _, res = results
+    cfg = common.config()
+    moe = common.build_moe(cfg)
+    x = common.moe_input(48, cfg.hidden_size).view(4, 12, -1)
+    with torch.no_grad():
+        ref = moe.eval()(x)  # no capacity factor at all
+        dropped = moe.train()(x, capacity_factor=0.75, keep_routing=True)
+    # in training mode 0.75 does drop picks, visibly (outputs are ~3e-3: tolerances are set to match)
+    assert not moe.last_keep.all() and (dropped - ref).abs().max() > 1e-5
+    for rank in range(2):
+        got = res[rank]["ep_layer_eval"]
+        torch.testing.assert_close(got["out"], ref[rank * 2:rank * 2 + 2], atol=1e-7, rtol=1e-4)
+        assert got["keep"] is None
+    k = cfg.num_experts_per_tok
+    assert sum(float(res[rank]["ep_layer_eval"]["picks"]) for rank in range(2)) == 48 * k
+
+
 def test_checkpoint_from_two_processes_resumes_in_one(results):
     """EP+DDP, AdamW: saved at step 2 by 2 processes; 1 process loads model + optimizer and
     reproduces the losses of steps 3-4 of the 2-process run."""

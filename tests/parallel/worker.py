@@ -2,7 +2,7 @@
 
     python worker.py SCENARIO OUTDIR
 
-Scenario "all": ddp, fsdp, ep layer, ep+ddp step, checkpoint save/continue, results written to
+Scenario "all": ddp, fsdp, ep layer (training and eval mode), ep+ddp step, checkpoint save/continue, results written to
 OUTDIR/rank{r}.pt; then rank 1 SIGKILLs itself mid-training ("die"), and rank 0 must exit 1 with a
 clear error. Scenario "hang": rank 1 stops answering instead; rank 0 must fail after the timeout.
 """
@@ -66,6 +66,17 @@ def ep_layer(ctx, **cfg_kw) -> dict:
             "stats": ep.stats}
 
 
+def ep_layer_eval(ctx) -> dict:
+    """One MoE layer in eval mode, called with a capacity factor that would drop picks in training."""
+    cfg = common.config()
+    ep = parallel.ExpertParallelMoE(common.build_moe(cfg), ctx).eval()
+    x_all = common.moe_input(2 * 24, cfg.hidden_size)
+    n = x_all.shape[0] // ctx.world_size
+    with torch.no_grad():
+        out = ep(x_all[ctx.rank * n:(ctx.rank + 1) * n].view(2, n // 2, -1), capacity_factor=0.75, keep_routing=True)
+    return {"out": out, "keep": ep.last_keep, "picks": ep.stats["picks"]}
+
+
 def checkpoint(ctx, out: Path) -> dict:
     """EP + DDP with AdamW: 2 steps, save (model + optimizer), 2 more steps; the test resumes in 1 process."""
     from dsv2.train.optim import build_optimizer
@@ -119,6 +130,7 @@ def main() -> None:
            "ep_step": data_parallel(ctx, "ddp", ep=True, cf=1.0),
            "fsdp_ep_step": data_parallel(ctx, "fsdp", ep=True, cf=1.0),
            "ep_layer": ep_layer(ctx), "ep_layer_g4": ep_layer(ctx, n_group=4, topk_group=2),
+           "ep_layer_eval": ep_layer_eval(ctx),
            "ckpt": checkpoint(ctx, out)}
     torch.save(res, out / f"rank{ctx.rank}.pt")
     # then rank 1 crashes mid-training (one job start saved: start-up dominates on 2 cores)

@@ -1,4 +1,4 @@
-"""Balance losses against a float64 per-sequence re-computation of DESIGN.md §1, token dropping
+"""Balance losses against a float64 per-sequence re-computation of DeepSeek-V2 §2.2.3, token dropping
 against its capacity rule, and the trainer's evaluation never dropping tokens."""
 
 from __future__ import annotations

@@ -1,105 +1,158 @@
-"""Decode-time attention over the paged cache, and the cache-protocol views the model's modules use.
+"""The engine's attention backend: the model's attention modules hand it their projections, it writes
+the new rows into the paged cache and attends over each sequence's rows.
 
-Shapes: B sequences, T new tokens, S cached tokens of one sequence, n rows of one chunk, H heads,
-Hkv baseline K/V heads, G = H / Hkv, Dh baseline head dim, C kv_lora_rank, R rope dim, W row width.
+Shapes: N tokens of a step (all sequences, flattened), T new tokens of one sequence, S its cached + new
+tokens, n rows of one chunk / key block, H heads, Hkv baseline K/V heads, G = H / Hkv, Dh baseline
+head dim, Dn / Dv / R / C MLA nope / value / rope / latent widths, E = Dn + R, W row width.
 
-Decode reads a sequence's rows chunk by chunk (each chunk a zero-copy slice of the pool when the
-storage is plain) and merges the chunks with an online softmax (flash-decoding). On a CPU with bf16
-rows the chunks are upcast to fp32 one at a time while they sit in cache, because bf16 GEMMs without
-AVX512-BF16 are several times slower than converting and running fp32 GEMMs.
+One step may mix sequences being prefilled (T >= 1 new prompt tokens) with decoding ones (T = 1):
+  - a token that is alone (decode) attends *absorbed* over its sequence's latent rows in place:
+    W_UK folded into the query, scores against [c_kv ; k_R], W_UV applied to the attended latent
+    (`latent_decode`, chunks merged by an online softmax); off the CPU, where launching a dozen small
+    kernels per sequence would dominate, all decode rows can be gathered into one padded batch instead;
+  - prefill tokens attend *expanded* over the cached prefix one key block at a time (each block's
+    K/V decompressed through kv_b_proj, attended by fused SDPA that also returns its log-sum-exp) and
+    then causally over their own rows; the blocks are merged by log-sum-exp, so no more than one
+    block of decompressed keys ever exists, whatever the prompt's length.
+Every query attends to rows as the cache stores them (its own included), so quantised formats are
+seen consistently by prefill and decode. On a CPU without native bf16 GEMMs the decode attention runs
+in fp32 over upcast chunks of rows (a reused scratch buffer), as fast as converting permits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from dsv2.engine.cache import PagedCache, SeqSlots
+from dsv2.engine.cache import PagedCache
+
+DECODE_IMPLS = ("auto", "fast", "gathered")
 
 
-def rows_from_new(new: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Model cache entries -> rows (N, W). MLA: (c_kv (B,T,C), k_pe (B,T,R)); baselines: (k, v) (B,T,Hkv,Dh)."""
-    a, b = new
-    return torch.cat((a.flatten(2), b.flatten(2)), dim=-1).flatten(0, 1)  # (B*T, W)
+@dataclass(frozen=True)
+class SeqSpan:
+    """One sequence's share of a step: new tokens [q_start, q_start + q_len) of the flat token list, at
+    positions ctx.. (ctx tokens are cached already); runs = (first slot, count) of consecutive cache
+    slots holding its tokens [0, ctx + q_len)."""
+
+    q_start: int
+    q_len: int
+    ctx: int
+    runs: tuple[tuple[int, int], ...]
 
 
-def new_from_rows(rows: torch.Tensor, cache: PagedCache, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-    """rows (B, S, W) -> the model's cache tuple, as views of `rows` (so MLA can attend to one row)."""
-    if cache.split is not None:
-        return rows[..., : cache.split], rows[..., cache.split:]
-    half = cache.width // 2
-    hkv, dh = shape[-2], shape[-1]
-    return rows[..., :half].unflatten(-1, (hkv, dh)), rows[..., half:].unflatten(-1, (hkv, dh))
+def slot_runs(blocks: list[int], length: int, block_size: int) -> tuple[tuple[int, int], ...]:
+    """Tokens [0, length) of a sequence with block table `blocks` as runs of consecutive slots."""
+    out: list[list[int]] = []
+    need = -(-length // block_size)
+    if need > len(blocks):
+        raise IndexError(f"{length} tokens need {need} blocks, the block table has {len(blocks)}")
+    for b in blocks[:need]:
+        if out and out[-1][0] + out[-1][1] == b * block_size:
+            out[-1][1] += block_size
+        else:
+            out.append([b * block_size, block_size])
+    if out:
+        out[-1][1] -= need * block_size - length
+    return tuple((s, n) for s, n in out)
 
 
-class SequenceView:
-    """Cache protocol for one sequence (prefill): append T rows at `start`, return all start+T rows."""
+class StepMetadata:
+    """Everything attention needs about one step, built once per step (not per layer): the spans, the
+    flat slot of every new token (N,) on the cache's device, and which spans decode."""
 
-    def __init__(self, cache: PagedCache, seq: SeqSlots, start: int) -> None:
-        self.cache, self.seq, self.start = cache, seq, start
+    def __init__(self, cache: PagedCache, tables: list[list[int]], ctx: list[int], q_lens: list[int]) -> None:
+        bs = cache.block_size
+        self.spans: list[SeqSpan] = []
+        slots: list[int] = []
+        start = 0
+        for blocks, c, t in zip(tables, ctx, q_lens):
+            runs = slot_runs(blocks, c + t, bs)
+            self.spans.append(SeqSpan(start, t, c, runs))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(c, c + t))
+            start += t
+        self.num_tokens = start
+        device = cache.pools[0][0].device
+        self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)  # (N,)
+        self.decode = [i for i, s in enumerate(self.spans) if s.q_len == 1]
+        self.prefill = [i for i, s in enumerate(self.spans) if s.q_len > 1]
+        self.decode_tokens = torch.tensor([self.spans[i].q_start for i in self.decode], dtype=torch.long,
+                                          device=device)  # (Bd,)
+        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return self.start
-
-    def update(self, layer_idx: int, new: tuple[torch.Tensor, ...]
-               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-        rows = rows_from_new(new)  # (T, W)
-        t = rows.shape[0]
-        self.cache.write(layer_idx, self.cache.slots(self.seq, self.start, t), rows)
-        if self.cache.format.plain:
-            every = self.cache.read(layer_idx, self.seq, self.start + t)  # zero-copy when contiguous
-        else:  # the new rows at full precision, the cached ones as stored
-            old = self.cache.read(layer_idx, self.seq, self.start)
-            every = torch.cat((old, rows.to(old.dtype)), dim=0)
-        return new_from_rows(every[None], self.cache, new[0].shape), None  # causal, queries last
+    def gather_plan(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a gathered decode batch: slot index (Bd, S_max) of every row (padding -> slot 0) and the
+        valid mask (Bd, S_max)."""
+        if self._gather is None:
+            lens = [self.spans[i].ctx + 1 for i in self.decode]
+            index = torch.zeros(len(lens), max(lens), dtype=torch.long)
+            for j, i in enumerate(self.decode):
+                index[j, : lens[j]] = torch.cat([torch.arange(s, s + n) for s, n in self.spans[i].runs])
+            valid = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
+            self._gather = (index.to(device), valid.to(device))
+        return self._gather
 
 
-class BatchView:
-    """Cache protocol for a decode batch of sequences of different lengths, in the model's own modules.
+def choose_decode_impl(device: torch.device, lengths: list[int]) -> str:
+    """decode_impl="auto" for one step. CPU: "fast", per-sequence attention straight over the pool (no
+    copy; the CPU runs it as fast as a batch). Elsewhere: "gathered", one padded batch (a few kernels per
+    layer instead of ~a dozen per sequence, which would leave a GPU launch-bound), unless padding would
+    more than double the rows gathered (one long sequence among short ones)."""
+    if device.type == "cpu" or not lengths:
+        return "fast"
+    return "gathered" if len(lengths) * max(lengths) <= 2 * sum(lengths) + len(lengths) else "fast"
 
-    Writes the batch's new rows with one scatter and reads every sequence's rows with one gather per
-    layer into a padded (B, S_max, W) tensor plus a (B,1,T,S_max) mask (padding zeroed): a copy per
-    step, which the CPU fast path (`latent_decode`) avoids, but a handful of kernels for any batch,
-    which is what a GPU wants. Also the reference the fast path is tested against.
-    """
 
-    def __init__(self, cache: PagedCache, seqs: list[SeqSlots], starts: list[int]) -> None:
-        self.cache, self.seqs, self.starts = cache, seqs, starts
-        self._plan: tuple[torch.Tensor, ...] | None = None  # (new slots, gather index, valid, mask), per step
-        self._plan_t = -1
+def seq_rows(cache: PagedCache, layer: int, span: SeqSpan, a: int, b: int, chunk: int) -> Iterator[torch.Tensor]:
+    """Rows (n, W) of tokens [a, b) of a sequence in pieces of at most `chunk` rows, in order: zero-copy
+    views of the pool for plain formats, decoded copies otherwise."""
+    pos = 0
+    for start, n in span.runs:
+        lo, hi = max(a, pos), min(b, pos + n)
+        for off in range(lo, hi, chunk):
+            yield cache.read_run(layer, start + off - pos, min(chunk, hi - off))
+        pos += n
+        if pos >= b:
+            break
 
-    def _plan_for(self, t: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Slot indices of the new rows and of every row (on the cache's device), built once per step:
-        the same for every layer."""
-        if self._plan is None or self._plan_t != t:
-            lens = [s + t for s in self.starts]
-            s_max = max(lens)
-            new = torch.cat([self.cache.slots(seq, st, t) for seq, st in zip(self.seqs, self.starts)])  # (B*T,)
-            index = torch.zeros(len(self.seqs), s_max, dtype=torch.long)  # (B,S_max), padding -> slot 0
-            for i, (seq, n) in enumerate(zip(self.seqs, lens)):
-                index[i, :n] = self.cache.slots(seq, 0, n)
-            key = torch.arange(s_max)
-            valid = key[None, :] < torch.tensor(lens)[:, None]  # (B,S_max)
-            q_pos = torch.tensor(self.starts)[:, None] + torch.arange(t)[None, :]  # (B,T)
-            mask = (key[None, None, :] <= q_pos[:, :, None])[:, None]  # (B,1,T,S_max)
-            self._plan = (new.to(device), index.to(device), valid.to(device), mask.to(device))
-            self._plan_t = t
-        return self._plan
 
-    def update(self, layer_idx: int, new: tuple[torch.Tensor, ...]
-               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-        b, t = new[0].shape[:2]
-        rows = rows_from_new(new).view(b, t, -1)  # (B,T,W)
-        if b == 1:  # one sequence: its rows as they are (zero-copy when contiguous), plain causal
-            seq, start = self.seqs[0], self.starts[0]
-            self.cache.write(layer_idx, self.cache.slots(seq, start, t), rows[0])
-            every = self.cache.read(layer_idx, seq, start + t)[None]  # (1,S,W)
-            return new_from_rows(every, self.cache, new[0].shape), None
-        slots, index, valid, mask = self._plan_for(t, rows.device)
-        self.cache.write(layer_idx, slots, rows.flatten(0, 1))
-        every = self.cache.gather(layer_idx, index).masked_fill_(~valid[..., None], 0)  # (B,S_max,W)
-        return new_from_rows(every.to(rows.dtype), self.cache, new[0].shape), mask
+# ---- kernels ----------------------------------------------------------------------------------------
+def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (1,H,T,E) over k, v (1,H,n,E) and its log-sum-exp: (out (1,H,T,E), lse (1,H,T) fp32).
+    causal: T == n, query i sees keys <= i. The CPU runs PyTorch's fused flash kernel (which returns the
+    LSE); elsewhere a plain fp32 computation of one block."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (1,H,T,n)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = s.logsumexp(dim=-1)
+    return ((s - lse[..., None]).exp() @ v.float()).to(q.dtype), lse
+
+
+def latent_lse(q: torch.Tensor, rows: torch.Tensor, c: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed attention of absorbed queries q (T,H,C+R) over latent rows (n,C+R) and its log-sum-exp:
+    (latent output (T,H,C) fp32, lse (T,H) fp32). rows are used in q's dtype."""
+    t, h, w = q.shape
+    s = (rows.to(q.dtype) @ q.reshape(t * h, w).T).T.float() * scale  # (T*H,n)
+    lse = s.logsumexp(dim=-1)
+    p = (s - lse[:, None]).exp_()
+    o = p.to(q.dtype) @ rows[:, :c].to(q.dtype)  # (T*H,C)
+    return o.float().view(t, h, c), lse.view(t, h)
+
+
+def merge_lse(acc: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor, lse: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one block's (out, lse) into the running (acc fp32, lse) of the blocks before it."""
+    if acc is None:
+        return out.float(), lse
+    a, a_lse = acc
+    new = torch.logaddexp(a_lse, lse)
+    return a * (a_lse - new).exp()[..., None] + out.float() * (lse - new).exp()[..., None], new
 
 
 def _upcaster(upcast: bool, scratch: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -112,7 +165,7 @@ def _upcaster(upcast: bool, scratch: torch.Tensor | None) -> Callable[[torch.Ten
     return lambda k: scratch[: k.shape[0]].copy_(k)
 
 
-def latent_decode(q: torch.Tensor, chunks: list[torch.Tensor], c: int, scale: float,
+def latent_decode(q: torch.Tensor, chunks: Iterable[torch.Tensor], c: int, scale: float,
                   upcast: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA attention of one sequence: q (H, C+R) against rows (n, C+R) -> latent output (H, C).
 
@@ -122,10 +175,6 @@ def latent_decode(q: torch.Tensor, chunks: list[torch.Tensor], c: int, scale: fl
     # scores as (rows @ qᵀ)ᵀ: MKL runs the tall (n, C+R) x (C+R, H) product well; q @ rowsᵀ with only
     # H = 16 rows in q falls on its slower small-M path
     prep = _upcaster(upcast, scratch)
-    if len(chunks) == 1:
-        k = prep(chunks[0])
-        p = (k @ q.to(k.dtype).T).T.float().mul_(scale).softmax(dim=-1)  # (H,S)
-        return p.to(k.dtype) @ k[:, :c]  # (H,C)
 
     def pieces() -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
         for rows in chunks:
@@ -136,7 +185,7 @@ def latent_decode(q: torch.Tensor, chunks: list[torch.Tensor], c: int, scale: fl
     return online_softmax(pieces())
 
 
-def grouped_decode(q: torch.Tensor, chunks: list[torch.Tensor], n_kv: int, scale: float,
+def grouped_decode(q: torch.Tensor, chunks: Iterable[torch.Tensor], n_kv: int, scale: float,
                    upcast: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Baseline attention of one sequence: q (H, Dh) against rows (n, 2·Hkv·Dh) = [k ; v] -> (H, Dh)."""
     h, dh = q.shape
@@ -173,12 +222,3 @@ def online_softmax(pieces: Iterable[tuple[torch.Tensor, Callable[[torch.Tensor],
             acc = acc * alpha + o
         m = m_new
     return acc / l_sum
-
-
-def decode_chunks(cache: PagedCache, layer: int, seq: SeqSlots, length: int, chunk: int) -> list[torch.Tensor]:
-    """The rows of tokens [0, length) of `seq` in chunks of at most `chunk` rows."""
-    out = []
-    for start, n in cache.runs(seq, length):
-        for off in range(0, n, chunk):
-            out.append(cache.read_run(layer, start + off, min(chunk, n - off)))
-    return out

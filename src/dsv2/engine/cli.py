@@ -45,9 +45,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weight dtype; auto = fp32 below 1B parameters, else bf16")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MLP/MoE blocks")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens per prefill piece (bounds activation memory; default 512). Prompts "
-                        "longer than this show a prefill progress bar on stderr")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens of one request per engine step (bounds activation memory; default 2048). "
+                        "Prompts longer than this show a prefill progress bar on stderr")
+    p.add_argument("--max-batch", type=int, default=64, help="sequences running at once (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens computed per engine step, decodes first (default 2048)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached blocks of shared prefixes")
+    p.add_argument("--show-config", action="store_true", help="print the engine's settings (EngineConfig) first")
 
 
 def _pick_dtype(name: str, n_params: int) -> torch.dtype:
@@ -94,7 +99,11 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         engine = Engine(model, kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory,
                         max_tokens=None if args.kv_memory else max(budget_tokens, 64),
-                        rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk)
+                        rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk,
+                        max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
+                        prefix_caching=not args.no_prefix_caching)
+        if args.show_config:
+            print(f"engine:\n{engine.config.describe()}", file=sys.stderr)
         prompts = [tokenizer.encode(p).ids for p in args.prompt]
         for p in prompts:
             engine.scheduler.check(p, params)

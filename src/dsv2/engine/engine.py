@@ -4,25 +4,28 @@
     outs = engine.generate([[1, 5, 9], [1, 7]], SamplingParams(max_new_tokens=32))  # new tokens only
     for ev in engine.stream(prompts, params): print(ev.index, ev.token)
 
-One `step()`: admit waiting requests that fit, advance each prefilling request by about one chunk's
-worth of work (a prompt of at most `prefill_chunk` tokens is prefilled whole and samples its first
-token), then decode every prefilled request by one token in a single batched forward, then retire
-the finished ones. A long prompt is thus prefilled across several steps while the others keep decoding.
+One `step()`: the scheduler picks the step's tokens under a token budget (one per decoding request,
+then prompt chunks of prefilling and newly admitted requests), the runner computes them all in one
+forward of the model over the paged cache, requests whose logits are ready sample, and finished
+requests retire. A long prompt is thus prefilled across several steps while the others keep decoding.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from dsv2.engine.cache import PagedCache
-from dsv2.engine.runner import ModelRunner
-from dsv2.engine.sampling import SamplingParams, is_finished, sample_batch, sample_token, token_logprobs
+from dsv2.engine.config import EngineConfig
+from dsv2.engine.runner import ModelRunner, SeqWork
+from dsv2.engine.sampling import SamplingParams, is_finished, sample_token, token_logprobs
 from dsv2.engine.scheduler import Request, Scheduler
 from dsv2.model import DeepseekV2
+from dsv2.precision import prepare
 
 
 class GenerationError(RuntimeError):
@@ -52,7 +55,11 @@ class EngineStats:
     decode_s: float = 0.0
     steps: int = 0
     max_running: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens not computed thanks to the prefix cache
+    preemptions: int = 0
     decode_steps: list[tuple[int, float]] = field(default_factory=list)  # (batch size, seconds) per step
+
+    prefix_hit_rate: float = 0.0  # fraction of looked-up full prompt blocks found in the prefix cache
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -60,28 +67,35 @@ class EngineStats:
 
 
 class Engine:
-    """Generation with a paged latent cache (MLA) or per-head K/V cache (MHA/GQA/MQA baselines)."""
+    """Generation with a paged latent cache (MLA) or per-head K/V cache (MHA/GQA/MQA baselines).
 
-    def __init__(self, model: DeepseekV2, kv_cache_dtype: str = "auto", kv_memory: str | int | None = None,
-                 max_tokens: int | None = None, block_size: int = 64, max_batch: int = 64,
-                 prefill_chunk: int = 512, decode_chunk: int | None = None, rope_bf16: bool = False,
-                 kv_group: int | None = None, decode_impl: str = "auto", prefill_impl: str = "layer",
-                 compile: bool = False) -> None:
+    `Engine(model, config)` or `Engine(model, **fields of EngineConfig)`. The engine takes the model as
+    it is given and changes it in place: eval mode, and on a CPU without native bf16 GEMMs the
+    precision pass of `dsv2.precision.prepare` (same parameters, same results, faster matmuls).
+    """
+
+    def __init__(self, model: DeepseekV2, config: EngineConfig | None = None, **kwargs: Any) -> None:
+        if config is not None and kwargs:
+            raise TypeError(f"give either config or EngineConfig fields, not both (got {sorted(kwargs)})")
+        config = config if config is not None else EngineConfig(**kwargs)
         cfg = model.config
-        w = model.lm_head.weight
-        self.model, self.cfg, self.device = model.eval(), cfg, w.device
-        if kv_memory is None and max_tokens is None:
+        w = model.embed_tokens.weight
+        self.model, self.cfg, self.device = prepare(model.eval()), cfg, w.device
+        if config.kv_memory is None and config.max_tokens is None:
             # default: room for max_batch full-context sequences, capped at 1 GiB
-            per_tok = PagedCache.bytes_per_token_for(cfg, kv_cache_dtype, w.dtype, rope_bf16, kv_group)
-            max_tokens = max(block_size, min(max_batch * cfg.max_position_embeddings, (1 << 30) // per_tok))
-        self.cache = PagedCache.from_budget(cfg, kv_memory=kv_memory, max_tokens=max_tokens,
-                                            block_size=block_size, kv_cache_dtype=kv_cache_dtype,
-                                            dtype=w.dtype, device=w.device, rope_bf16=rope_bf16, group=kv_group)
-        self.runner = ModelRunner(model, self.cache, prefill_chunk, decode_chunk, decode_impl, prefill_impl)
-        self.scheduler = Scheduler(cfg, self.cache, max_batch, w.device)
+            per_tok = PagedCache.bytes_per_token_for(cfg, config.kv_cache_dtype, w.dtype, config.rope_bf16,
+                                                     config.kv_group)
+            config = replace(config, max_tokens=max(config.block_size, min(
+                config.max_batch * cfg.max_position_embeddings, (1 << 30) // per_tok)))
+        self.config = config
+        self.cache = PagedCache.from_budget(cfg, kv_memory=config.kv_memory, max_tokens=config.max_tokens,
+                                            block_size=config.block_size, kv_cache_dtype=config.kv_cache_dtype,
+                                            dtype=w.dtype, device=w.device, rope_bf16=config.rope_bf16,
+                                            group=config.kv_group)
+        self.runner = ModelRunner(model, self.cache, config)
+        self.scheduler = Scheduler(cfg, self.cache, config, w.device)
         self.stats = EngineStats()
-        self._prefilling: dict[int, Generator[float, None, torch.Tensor]] = {}  # rid -> its paused prefill
-        if compile:
+        if config.compile:
             # the dense MLPs / MoE and norms see fixed shapes per batch size; attention stays eager
             for layer in model.layers:
                 layer.mlp.compile(dynamic=True)
@@ -91,89 +105,105 @@ class Engine:
         """Queue one request (checked now: a request that can never run raises here, nothing queued)."""
         return self.scheduler.add(list(prompt), params or SamplingParams())
 
-    def step(self) -> list[tuple[Request, int]]:
-        """Admit, prefill, decode and retire once. Returns (request, new token) pairs of this step.
-
-        Each prefilling request advances by about one chunk's worth of work per step (a prompt of at
-        most `prefill_chunk` tokens is prefilled in one go), so one long prompt never stalls the
-        decoding of the others for more than that; a request joins the decode batch once prefilled."""
-        sch, events = self.scheduler, []
-        self.stats.steps += 1
-        running = {r.rid for r in sch.running}
-        for rid in [rid for rid in self._prefilling if rid not in running]:  # retired from outside
-            self._prefilling.pop(rid).close()
-        for req in sch.admit():
-            self._prefilling[req.rid] = self.runner.prefill_steps(req.slots, req.prompt)
-        for req in [r for r in sch.running if r.rid in self._prefilling]:
-            try:
-                logits = self._advance_prefill(req)
-                if logits is None:
-                    continue  # more of the prompt next step
-                tok = sample_token(logits, req.params, req.generator)
-            except Exception as e:  # one bad request must not take the others (or the cache) down
-                self._prefilling.pop(req.rid, None)
-                sch.retire(req, "error", f"{type(e).__name__}: {e}")
-                continue
-            events.append(self._emit(req, tok, logits[None]))
-        batch = [r for r in sch.running if r.rid not in self._prefilling]  # includes the just-prefilled
-        self.stats.max_running = max(self.stats.max_running, len(batch))
-        if batch:
-            t0 = time.perf_counter()
-            logits = self.runner.decode([r.slots for r in batch], [r.output[-1] for r in batch])
-            toks = self._sample(batch, logits)
-            dt = time.perf_counter() - t0
-            self.stats.decode_s += dt
-            self.stats.decode_tokens += len(batch)
-            self.stats.decode_steps.append((len(batch), dt))
-            events.extend(self._emit(r, t, logits[i: i + 1]) for i, (r, t) in enumerate(zip(batch, toks))
-                          if t is not None)
-        return events
-
     def abort(self, rid: int) -> bool:
         """Stop request `rid` wherever it is (queued, prefilling, decoding): its blocks are freed now and it
         finishes with reason "abort". False when no live request has that id (already finished, unknown)."""
-        req = self.scheduler.abort(rid)
-        if req is None:
-            return False
-        gen = self._prefilling.pop(rid, None)
-        if gen is not None:
-            gen.close()
-        return True
+        return self.scheduler.abort(rid) is not None
 
     def has_unfinished(self) -> bool:
         """Whether any request is still queued or running."""
         return not self.scheduler.idle
 
-    def _advance_prefill(self, req: Request) -> torch.Tensor | None:
-        """One piece of `req`'s prefill: None while more of the prompt remains, else the last logits (V,)."""
+    def step(self) -> list[tuple[Request, int]]:
+        """Schedule, run one forward over every scheduled token, sample, retire. Returns (request, new
+        token) pairs of this step.
+
+        A step carries one token of every decoding request and prompt chunks of prefilling ones (a long
+        prompt is prefilled over several steps, so it never stalls the others' decoding for long); a
+        request samples its first token in the step that computes the end of its prompt."""
+        sch = self.scheduler
+        plan = sch.schedule()
+        self.stats.steps += 1
+        if not plan:
+            return []
+        work = [SeqWork(sch.block_table(r), r.num_computed, r.next_tokens(n),
+                        "last" if n == r.pending else "none") for r, n in plan]
+        decoding = [r.decoding for r, _ in plan]
         t0 = time.perf_counter()
-        try:
-            req.prefill_progress = next(self._prefilling[req.rid])
-            return None
-        except StopIteration as done:
-            del self._prefilling[req.rid]
-            req.prefill_progress = 1.0
-            self.stats.prefill_tokens += len(req.prompt)
-            return done.value
-        finally:
-            self.stats.prefill_s += time.perf_counter() - t0
+        results = self._execute(plan, work)
+        dt = time.perf_counter() - t0
+        n_dec = sum(decoding)
+        n_pre = sum(n for (_, n), d in zip(plan, decoding) if not d)
+        self.stats.prefill_tokens += n_pre
+        self.stats.decode_tokens += n_dec
+        self.stats.prefill_s += dt * n_pre / (n_pre + n_dec)  # a mixed step's time is shared by tokens
+        self.stats.decode_s += dt * n_dec / (n_pre + n_dec)
+        if n_dec:
+            self.stats.decode_steps.append((n_dec, dt))
+        self.stats.max_running = max(self.stats.max_running, len(sch.running))
+        bst = sch.blocks.stats
+        self.stats.prefix_hit_tokens, self.stats.prefix_hit_rate = bst.hit_tokens, bst.hit_rate
+        self.stats.preemptions = sch.num_preemptions
+        ready = []
+        for (req, n), logits in zip(plan, results):
+            if req.status != "running":  # failed in _execute
+                continue
+            sch.computed(req, n)
+            if logits is not None:
+                ready.append((req, logits))
+        return self._sample(ready)
 
-    def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int | None]:
+    def _execute(self, plan: list[tuple[Request, int]], work: list[SeqWork]) -> list[torch.Tensor | None]:
+        """The step's forward; if it raises, each request is retried alone and those that fail again fail
+        alone (their rows at the step's slots are rewritten by the retry, so nothing stale is read)."""
         try:
-            return sample_batch(logits, [r.params for r in batch], [r.generator for r in batch])
-        except Exception:  # e.g. NaN logits in one row: fail that request only
-            toks: list[int | None] = []
-            for r, row in zip(batch, logits):
+            return self.runner.execute(work)
+        except Exception:
+            if len(work) == 1:
+                self.scheduler.retire(plan[0][0], "error", self._describe_error())
+                return [None]
+        out: list[torch.Tensor | None] = []
+        for (req, _), w in zip(plan, work):
+            try:
+                out.extend(self.runner.execute([w]))
+            except Exception:
+                self.scheduler.retire(req, "error", self._describe_error())
+                out.append(None)
+        return out
+
+    @staticmethod
+    def _describe_error() -> str:
+        import sys
+
+        e = sys.exc_info()[1]
+        return f"{type(e).__name__}: {e}"
+
+    def _sample(self, ready: list[tuple[Request, torch.Tensor]]) -> list[tuple[Request, int]]:
+        """Next token of every request whose logits (V,) are ready. Each row draws from its own generator
+        exactly once, so a request that fails (e.g. NaN logits) changes nothing for its neighbours."""
+        if not ready:
+            return []
+        logits = torch.stack([lg for _, lg in ready])  # (B,V)
+        greedy = [i for i, (r, _) in enumerate(ready) if r.params.greedy]
+        toks: list[int | None] = [None] * len(ready)
+        if greedy:
+            for i, t in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist()):
+                toks[i] = int(t)
+        for i, (req, row) in enumerate(ready):
+            if not req.params.greedy:
                 try:
-                    toks.append(sample_token(row, r.params, r.generator))
+                    toks[i] = sample_token(row, req.params, req.generator)
                 except Exception as e:
-                    self.scheduler.retire(r, "error", f"{type(e).__name__}: {e}")
-                    toks.append(None)
-            return toks
+                    self.scheduler.retire(req, "error", f"{type(e).__name__}: {e}")
+        now = time.perf_counter()
+        return [self._emit(req, tok, logits[i: i + 1], now) for i, ((req, _), tok) in enumerate(zip(ready, toks))
+                if tok is not None]
 
-    def _emit(self, req: Request, tok: int, logits: torch.Tensor) -> tuple[Request, int]:
+    def _emit(self, req: Request, tok: int, logits: torch.Tensor, now: float) -> tuple[Request, int]:
         """Record `req`'s new token (and its log-probabilities under logits (1, V) when asked for)."""
         req.output.append(tok)
+        if req.first_token_time is None:
+            req.first_token_time = now
         if req.params.logprobs is not None:
             req.logprobs.extend(token_logprobs(logits, [tok], [req.params.logprobs]))
         reason = is_finished(req.output, req.params)
@@ -244,4 +274,5 @@ class Engine:
         return {"kv_cache_dtype": c.format.name, "bytes_per_token": c.bytes_per_token,
                 "bits_per_element": round(c.format.bits_per_element(), 3),
                 "capacity_tokens": c.capacity_tokens, "cache_bytes": c.nbytes(),
-                "free_blocks": c.allocator.num_free, "num_blocks": c.num_blocks}
+                "free_blocks": self.scheduler.blocks.num_free, "cached_blocks": self.scheduler.blocks.num_cached,
+                "num_blocks": c.num_blocks}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv2.engine.engine import Engine
+from dsv2.engine.runner import SeqWork
 from dsv2.model import DeepseekV2
 
 
@@ -31,13 +32,13 @@ def _logits_along(engine: Engine, prompt: list[int], forced: list[int] | None, s
     runner, cache = engine.runner, engine.cache
     seq = cache.reserve(len(prompt) + steps)
     try:
-        logits = runner.prefill(seq, prompt)[None]
+        logits = runner.execute([SeqWork(seq.reserved, 0, prompt)])[0]
         toks, out = [], []
         for i in range(steps):
-            out.append(logits[0].float().log_softmax(-1))
-            toks.append(int(logits[0].argmax()) if forced is None else forced[i])
+            out.append(logits.float().log_softmax(-1))
+            toks.append(int(logits.argmax()) if forced is None else forced[i])
             if i + 1 < steps:
-                logits = runner.decode([seq], [toks[-1]])
+                logits = runner.execute([SeqWork(seq.reserved, len(prompt) + i, [toks[-1]])])[0]
         return toks, torch.stack(out)
     finally:
         cache.release(seq)

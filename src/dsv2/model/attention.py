@@ -12,6 +12,7 @@ Two execution paths over the same weights:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -19,17 +20,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import Linear, RMSNorm, bmm, compute_weight
+from dsv2.model.layers import RMSNorm
 from dsv2.model.rope import apply_rope
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: the checkpoints use the default eps, not rms_norm_eps
 
 
-class KVCache(Protocol):
-    """What attention needs from a cache: append this layer's new rows, get back all rows + mask."""
+class AttentionBackend(Protocol):
+    """Where attention's keys and values come from and which kernel runs: the one seam between the model
+    and a cache. The modules compute their projections (RoPE applied) and hand them over; the backend
+    stores what it caches and returns the attention output, before o_proj.
 
-    def update(self, layer_idx: int, new: tuple[torch.Tensor, ...]
-               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]: ...
+    impl is the path the caller asked for ("expanded" | "absorbed"), for backends that offer both
+    (`SdpaBackend`, `DenseCache`); a paged engine backend chooses per token (prefill expanded, decode absorbed).
+    """
+
+    def mla(self, attn: MLA, layer_idx: int, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+            k_pe: torch.Tensor, impl: str) -> torch.Tensor:
+        """q_nope (B,T,H,Dn), q_pe (B,T,H,R), the new tokens' c_kv (B,T,C) and k_pe (B,T,R) -> (B,T,H*Dv)."""
+        ...
+
+    def gqa(self, attn: GQA, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            impl: str) -> torch.Tensor:
+        """q (B,T,H,Dh), the new tokens' k, v (B,T,Hkv,Dh) -> (B,T,H*Dh)."""
+        ...
+
+
+IMPLS = ("expanded", "absorbed")
 
 
 def causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
@@ -66,15 +83,15 @@ class MLA(nn.Module):
         h, d, dq = self.n_heads, cfg.hidden_size, self.d_nope + self.d_rope
         kw = dict(device=device, dtype=dtype)
         if self.q_rank is None:
-            self.q_proj = Linear(d, h * dq, bias=False, **kw)
+            self.q_proj = nn.Linear(d, h * dq, bias=False, **kw)
         else:
-            self.q_a_proj = Linear(d, self.q_rank, bias=cfg.attention_bias, **kw)
+            self.q_a_proj = nn.Linear(d, self.q_rank, bias=cfg.attention_bias, **kw)
             self.q_a_layernorm = RMSNorm(self.q_rank, LATENT_NORM_EPS, **kw)
-            self.q_b_proj = Linear(self.q_rank, h * dq, bias=False, **kw)
-        self.kv_a_proj_with_mqa = Linear(d, self.kv_rank + self.d_rope, bias=cfg.attention_bias, **kw)
+            self.q_b_proj = nn.Linear(self.q_rank, h * dq, bias=False, **kw)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_rank + self.d_rope, bias=cfg.attention_bias, **kw)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS, **kw)
-        self.kv_b_proj = Linear(self.kv_rank, h * (self.d_nope + self.d_v), bias=False, **kw)
-        self.o_proj = Linear(h * self.d_v, d, bias=cfg.attention_bias, **kw)
+        self.kv_b_proj = nn.Linear(self.kv_rank, h * (self.d_nope + self.d_v), bias=False, **kw)
+        self.o_proj = nn.Linear(h * self.d_v, d, bias=cfg.attention_bias, **kw)
         self._absorbed: tuple | None = None  # contiguous W_UK / W_UV, rebuilt when kv_b_proj changes
 
     # ---- projections -------------------------------------------------------------------------
@@ -102,16 +119,35 @@ class MLA(nn.Module):
         """(H, Dv, C): the value up-projection of each head."""
         return self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))[:, self.d_nope :]
 
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contiguous (H,Dn,C) W_UK and (H,C,Dv) W_UVᵀ; cached while kv_b_proj is unchanged."""
+    def absorbed_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous (H,Dn,C) W_UK and (H,C,Dv) W_UVᵀ in `dtype` (default: the weight's); cached while
+        kv_b_proj is unchanged (the cache follows in-place updates: the weight's version counter)."""
         w = self.kv_b_proj.weight
+        dtype = dtype or w.dtype
         if torch.is_grad_enabled() and w.requires_grad:
-            return self.w_uk, self.w_uv.transpose(1, 2)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+            return self.w_uk.to(dtype), self.w_uv.transpose(1, 2).to(dtype)
+        key = (w.data_ptr(), w._version, dtype, w.device)
         if self._absorbed is None or self._absorbed[0] != key:
-            wc = compute_weight(w).unflatten(0, (self.n_heads, -1))  # fp32 where bf16 GEMM is not native
+            wc = w.detach().to(dtype).unflatten(0, (self.n_heads, -1))  # (H,Dn+Dv,C)
             self._absorbed = (key, wc[:, : self.d_nope].contiguous(), wc[:, self.d_nope :].transpose(1, 2).contiguous())
         return self._absorbed[1], self._absorbed[2]
+
+    def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, dtype: torch.dtype | None = None
+                     ) -> torch.Tensor:
+        """[W_UKᵀ q_nope ; q_pe] per head: q_nope (…,H,Dn), q_pe (…,H,R) -> (…,H,C+R), a query that scores
+        the latent rows [c_kv ; k_R] directly (q_C·k_C = (W_UKᵀ q_C)·c_kv)."""
+        w_uk, _ = self.absorbed_weights(dtype)
+        lead, h = q_nope.shape[:-2], self.n_heads
+        qn = q_nope.reshape(-1, h, self.d_nope).transpose(0, 1).to(w_uk.dtype)  # (H,M,Dn)
+        q_lat = torch.bmm(qn, w_uk).transpose(0, 1)  # (M,H,C)
+        return torch.cat((q_lat, q_pe.reshape(-1, h, self.d_rope).to(w_uk.dtype)), dim=-1).view(*lead, h, -1)
+
+    def absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """W_UV per head on the attended latent: o_lat (…,H,C) -> (…,H*Dv), in o_lat's dtype."""
+        _, w_uv_t = self.absorbed_weights(o_lat.dtype)
+        lead, h = o_lat.shape[:-2], self.n_heads
+        o = torch.bmm(o_lat.reshape(-1, h, self.kv_rank).transpose(0, 1), w_uv_t)  # (H,M,Dv)
+        return o.transpose(0, 1).reshape(*lead, h * self.d_v)
 
     # ---- attention ---------------------------------------------------------------------------
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,37 +182,31 @@ class MLA(nn.Module):
         """Attend over the latent directly: nothing per head is built for the S keys. Returns (B,T,H*Dv)."""
         b, t, h, _ = q_nope.shape
         s = c_kv.shape[1]
-        w_uk, w_uv_t = self.absorbed_weights()
-        # q_lat = W_UKᵀ q_nope per head: (H, B*T, Dn) @ (H, Dn, C)
-        q_lat = bmm(q_nope.permute(2, 0, 1, 3).reshape(h, b * t, self.d_nope), w_uk)  # (H,B*T,C)
-        q_lat = q_lat.view(h, b, t, self.kv_rank).permute(1, 0, 2, 3)  # (B,H,T,C)
-        q_full = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1).reshape(b, h * t, -1)  # (B,H*T,C+R)
+        q = self.absorb_query(q_nope, q_pe).reshape(b, t * h, -1)  # (B,T*H,C+R)
         keys = _joined(c_kv, k_pe)  # (B,S,C+R), zero-copy when the cache stores whole rows
-        scores = bmm(q_full, keys.transpose(1, 2)).view(b, h, t, s).float() * self.scale  # (B,H,T,S)
+        scores = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)).view(b, t, h, s).float() * self.scale  # (B,T,H,S)
         if mask is None and t > 1:
             mask = causal_mask(t, s, q_nope.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        p = scores.softmax(dim=-1).to(c_kv.dtype).view(b, h * t, s)
-        o_lat = bmm(p, c_kv).view(b, h, t, self.kv_rank)  # (B,H,T,C)
-        # W_UV per head: (H, B*T, C) @ (H, C, Dv)
-        o = bmm(o_lat.transpose(0, 1).reshape(h, b * t, self.kv_rank), w_uv_t)  # (H,B*T,Dv)
-        return o.view(h, b, t, self.d_v).permute(1, 2, 0, 3).reshape(b, t, h * self.d_v)
+        if mask is not None:  # (T,S) or (B,1,T,S)
+            scores = scores.masked_fill(~(mask.transpose(1, 2) if mask.dim() == 4 else mask[:, None]), float("-inf"))
+        p = scores.softmax(dim=-1).to(q.dtype).view(b, t * h, s)
+        o_lat = torch.bmm(p, c_kv.to(q.dtype)).view(b, t, h, self.kv_rank)  # (B,T,H,C)
+        return self.absorbed_output(o_lat).to(q_nope.dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer_idx: int = 0, attn_impl: str = "expanded") -> torch.Tensor:
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+               mask: torch.Tensor | None, impl: str) -> torch.Tensor:
+        """Attention of the T queries over S latent rows by `impl` ("expanded" | "absorbed"). (B,T,H*Dv)."""
+        if impl == "absorbed":
+            return self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        if impl == "expanded":
+            return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
+        raise ValueError(f"attn_impl must be one of {IMPLS}, got {impl!r}")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend,
+                layer_idx: int = 0, impl: str = "expanded") -> torch.Tensor:
         q_nope, q_pe = self.project_q(x, cos, sin)
         c_kv, k_pe = self.project_kv(x, cos, sin)
-        mask = None
-        if cache is not None:
-            (c_kv, k_pe), mask = cache.update(layer_idx, (c_kv, k_pe))
-        if attn_impl == "absorbed":
-            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
-        elif attn_impl == "expanded":
-            o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
-        else:
-            raise ValueError(f"attn_impl must be 'expanded' or 'absorbed', got {attn_impl!r}")
-        return self.o_proj(o)
+        return self.o_proj(backend.mla(self, layer_idx, q_nope, q_pe, c_kv, k_pe, impl))
 
 
 class GQA(nn.Module):
@@ -188,26 +218,32 @@ class GQA(nn.Module):
         self.n_heads, self.n_kv, self.d_h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
         self.scale = cfg.softmax_scale()
         d, kw = cfg.hidden_size, dict(bias=cfg.attention_bias, device=device, dtype=dtype)
-        self.q_proj = Linear(d, self.n_heads * self.d_h, **kw)
-        self.k_proj = Linear(d, self.n_kv * self.d_h, **kw)
-        self.v_proj = Linear(d, self.n_kv * self.d_h, **kw)
-        self.o_proj = Linear(self.n_heads * self.d_h, d, **kw)
+        self.q_proj = nn.Linear(d, self.n_heads * self.d_h, **kw)
+        self.k_proj = nn.Linear(d, self.n_kv * self.d_h, **kw)
+        self.v_proj = nn.Linear(d, self.n_kv * self.d_h, **kw)
+        self.o_proj = nn.Linear(self.n_heads * self.d_h, d, **kw)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer_idx: int = 0, attn_impl: str = "expanded") -> torch.Tensor:
-        b, t, _ = x.shape
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B,T,H,Dh) and k (B,T,Hkv,Dh) with RoPE applied, v (B,T,Hkv,Dh)."""
         cs, sn = cos[..., None, :], sin[..., None, :]
         q = apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.d_h)), cs, sn)  # (B,T,H,Dh)
         k = apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv, self.d_h)), cs, sn)  # (B,T,Hkv,Dh)
-        v = self.v_proj(x).unflatten(-1, (self.n_kv, self.d_h))  # (B,T,Hkv,Dh)
-        mask = None
-        if cache is not None:
-            (k, v), mask = cache.update(layer_idx, (k, v))
-        attn_mask, is_causal = _sdpa_mask(mask, t, k.shape[1], x.device)
+        return q, k, self.v_proj(x).unflatten(-1, (self.n_kv, self.d_h))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """SDPA of q (B,T,H,Dh) over k, v (B,S,Hkv,Dh), queries last (or by mask). Returns (B,T,H*Dh)."""
+        attn_mask, is_causal = _sdpa_mask(mask, q.shape[1], k.shape[1], q.device)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                           enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(o.transpose(1, 2).flatten(2))  # (B,T,D)
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B,H,T,Dh)
+        return o.transpose(1, 2).flatten(2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend,
+                layer_idx: int = 0, impl: str = "expanded") -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.o_proj(backend.gqa(self, layer_idx, q, k, v, impl))  # (B,T,D)
 
 
 def build_attention(cfg: ModelConfig, device: torch.device | None = None,
@@ -215,18 +251,49 @@ def build_attention(cfg: ModelConfig, device: torch.device | None = None,
     return (MLA if cfg.attention_type == "mla" else GQA)(cfg, device=device, dtype=dtype)
 
 
-class DenseCache:
-    """Reference cache: contiguous per-layer tensors for one batch of equal-length sequences."""
+class SdpaBackend:
+    """No cache: the T tokens attend causally to each other (training, `model(ids)`)."""
 
-    def __init__(self) -> None:
-        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
+    def mla(self, attn: MLA, layer_idx: int, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+            k_pe: torch.Tensor, impl: str) -> torch.Tensor:
+        return attn.attend(q_nope, q_pe, c_kv, k_pe, None, impl)
+
+    def gqa(self, attn: GQA, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            impl: str) -> torch.Tensor:
+        return attn.attend(q, k, v)
+
+
+class DenseCache:
+    """Reference cache: contiguous per-layer rows for one batch of equal-length sequences.
+
+    Rows are what the engine caches per token: [c_kv ; k_R] (MLA) or [k ; v] (baselines). `store`, if
+    given, maps new rows to what the cache keeps (e.g. a quantise-dequantise round trip): every query,
+    new tokens included, attends to the rows as kept, which is what a paged engine cache does.
+    """
+
+    def __init__(self, store: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.layers: dict[int, torch.Tensor] = {}  # layer -> rows (B,S,W)
+        self.store = store
 
     def __len__(self) -> int:
-        return next(iter(self.layers.values()))[0].shape[1] if self.layers else 0
+        return next(iter(self.layers.values())).shape[1] if self.layers else 0
 
-    def update(self, layer_idx: int, new: tuple[torch.Tensor, ...]
-               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    def append(self, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+        """Keep rows (B,T,W) of one layer after the ones held; returns all rows (B,S,W) as kept."""
+        new = rows if self.store is None else self.store(rows)
         old = self.layers.get(layer_idx)
-        rows = new if old is None else tuple(torch.cat((o, n), dim=1) for o, n in zip(old, new))
-        self.layers[layer_idx] = rows
-        return rows, None
+        every = new if old is None else torch.cat((old, new.to(old.dtype)), dim=1)
+        self.layers[layer_idx] = every
+        return every
+
+    def mla(self, attn: MLA, layer_idx: int, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+            k_pe: torch.Tensor, impl: str) -> torch.Tensor:
+        rows = self.append(layer_idx, torch.cat((c_kv, k_pe), dim=-1)).to(c_kv.dtype)  # (B,S,C+R)
+        return attn.attend(q_nope, q_pe, rows[..., : attn.kv_rank], rows[..., attn.kv_rank:], None, impl)
+
+    def gqa(self, attn: GQA, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            impl: str) -> torch.Tensor:
+        rows = self.append(layer_idx, torch.cat((k.flatten(2), v.flatten(2)), dim=-1)).to(k.dtype)  # (B,S,W)
+        kk, vv = rows.chunk(2, dim=-1)
+        shape = (attn.n_kv, attn.d_h)
+        return attn.attend(q, kk.unflatten(-1, shape), vv.unflatten(-1, shape))

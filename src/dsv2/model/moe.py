@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import MLP, compute_weight, upcast_dtype
+from dsv2.model.layers import MLP
 
 
 @dataclass
@@ -120,41 +120,30 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim, **kw))  # (E,I,D)
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden, **kw))  # (E,D,I)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N,D), idx/weight (N,K) -> Σ_k weight·expert_idx(x), (N,D). keep (N,K) bool skips picks."""
-        n, k = idx.shape
+    def plan(self, idx: torch.Tensor, keep: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The sorted dispatch of (token, slot) picks idx (N,K): (token of each sorted pick (P,), the sorted
+        pick order (P,), picks per expert). Dropped picks (keep (N,K) False) are left out."""
+        k = idx.shape[1]
         flat = idx.flatten()  # (N*K,)
         order = torch.argsort(flat, stable=True)
         if keep is not None:  # dropped picks are never computed
             order = order[keep.flatten()[order]]
         counts = torch.bincount(flat[order], minlength=self.gate_proj.shape[0]).tolist()
-        token = order // k  # token of each sorted pick
-        out_dtype = upcast_dtype(x)
-        if out_dtype is None:  # native precision: plain F.linear per expert (autocast applies as usual)
-            return self._dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj)
-        # no native low-precision GEMM on this CPU: run the experts in fp32, cast the result back
-        if not torch.is_grad_enabled() and x.dtype == self.gate_proj.dtype and not torch.is_autocast_enabled("cpu"):
-            # inference: no fp32 copy of the experts is kept (it would double the memory of a MoE model);
-            # an expert with few rows runs bf16 GEMVs on the stored weights, one with more is upcast on the fly
-            y = self._dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
-                               upcast_rows=self.GEMV_ROWS)
-            return y.to(out_dtype)
-        wg, wu, wd = (compute_weight(p) for p in (self.gate_proj, self.up_proj, self.down_proj))
-        with torch.autocast("cpu", enabled=False):
-            y = self._dispatch(x.float(), token, order, counts, weight, wg.float(), wu.float(), wd.float())
-        return y.to(out_dtype)
+        return order // k, order, counts
 
-    # an expert with at most this many rows runs bf16 GEMVs (PyTorch's bf16 matmul costs ~one weight pass
-    # per row on AVX2); above it, converting the weights to fp32 once (~3-4 passes) is cheaper
-    GEMV_ROWS = 4
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N,D), idx/weight (N,K) -> Σ_k weight·expert_idx(x), (N,D). keep (N,K) bool skips picks."""
+        token, order, counts = self.plan(idx, keep)
+        return self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj)
 
     @staticmethod
-    def _dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
-                  weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                  upcast_rows: int | None = None) -> torch.Tensor:
-        """Σ_k weight·expert(x) over the sorted picks. upcast_rows: low-precision weights without native
-        GEMMs (inference): experts with more rows than that compute in fp32; the result is then fp32."""
+    def dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
+                 weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+                 upcast_rows: int | None = None) -> torch.Tensor:
+        """Σ_k weight·expert(x) over the sorted picks. upcast_rows (a platform policy's hook): experts with
+        more rows than that compute in fp32, the others as stored; the result is then fp32."""
         xs = x[token]  # (P,D) picks grouped by expert
         # unbind, not wg[e]: indexing would give each expert's gradient as a full (E,I,D) tensor in backward
         wg, wu, wd = wg.unbind(0), wu.unbind(0), wd.unbind(0)

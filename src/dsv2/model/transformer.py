@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.attention import KVCache, build_attention
-from dsv2.model.layers import MLP, Linear, RMSNorm
+from dsv2.model.attention import IMPLS, AttentionBackend, SdpaBackend, build_attention
+from dsv2.model.layers import MLP, RMSNorm
 from dsv2.model.moe import MoE, comm_balance_loss, device_balance_loss, expert_balance_loss
 from dsv2.model.rope import Rotary
 
@@ -29,9 +29,10 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = (MoE(cfg, device, dtype) if cfg.is_moe_layer(layer_idx)
                                else MLP(cfg.hidden_size, cfg.intermediate_size, device, dtype))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend,
                 attn_impl: str = "expanded", **moe_kwargs: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx, attn_impl)
+        """The decoder block, the only copy: x + attn(norm(x)), then + mlp(norm(·)). x (B,T,D)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, self.layer_idx, attn_impl)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, **moe_kwargs) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -50,7 +51,7 @@ class DeepseekV2(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, d, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps, device, dtype)
-        self.lm_head = Linear(d, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = Rotary(config)
@@ -77,7 +78,8 @@ class DeepseekV2(nn.Module):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
     def check_input(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> None:
-        """Clear errors for bad token ids / positions, before any work is done."""
+        """Clear errors for bad token ids / positions, before any work is done (reads the ids on the host:
+        callers that validated their ids already, like the engine's scheduler, skip it)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
@@ -94,21 +96,33 @@ class DeepseekV2(nn.Module):
                              f"{self.config.max_position_embeddings} (sequence too long)")
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                       cache: KVCache | None = None, attn_impl: str = "expanded",
-                       **moe_kwargs: Any) -> torch.Tensor:
-        """Final-normed hidden states (B, T, D). positions (B,T) or (T,); default 0..T-1 (or after cache)."""
+                       cache: AttentionBackend | None = None, attn_impl: str = "expanded",
+                       validate: bool = True, **moe_kwargs: Any) -> torch.Tensor:
+        """Final-normed hidden states (B, T, D).
+
+        cache: the attention backend of this forward (default: no cache, `SdpaBackend`). positions (B,T)
+        or (T,); by default 0..T-1, or after the cache's tokens for a cache that has a length. validate:
+        check ids and positions first (one host read of the ids).
+        """
+        if attn_impl not in IMPLS:
+            raise ValueError(f"attn_impl must be one of {IMPLS}, got {attn_impl!r}")
+        backend = SdpaBackend() if cache is None else cache
         if positions is None:
-            start = len(cache) if cache is not None and hasattr(cache, "__len__") else 0
+            if cache is not None and not hasattr(cache, "__len__"):
+                raise ValueError(f"positions are required with a {type(cache).__name__}: it does not know how "
+                                 "many tokens precede these (RoPE would silently restart at 0)")
+            start = len(cache) if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[-1], device=input_ids.device)
-        self.check_input(input_ids, positions)
+        if validate:
+            self.check_input(input_ids, positions)
         cos, sin = self.rope(positions)  # (…,T,R/2)
         x = self.embed_tokens(input_ids)  # (B,T,D)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, attn_impl, **moe_kwargs)
+            x = layer(x, cos, sin, backend, attn_impl, **moe_kwargs)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, attn_impl: str = "expanded", return_aux: bool = False,
+                cache: AttentionBackend | None = None, attn_impl: str = "expanded", return_aux: bool = False,
                 capacity_factor: float | None = None, drop_exempt: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (B, T, V); with return_aux also the MoE balance losses and routing statistics.
@@ -125,7 +139,7 @@ class DeepseekV2(nn.Module):
         return logits, self.aux_stats(input_ids.shape)
 
     def aux_stats(self, shape: torch.Size) -> dict[str, torch.Tensor]:
-        """Balance losses (DESIGN §1), summed over MoE layers, from the routing of the last forward."""
+        """Balance losses (DeepSeek-V2 §2.2.3), summed over MoE layers, from the routing of the last forward."""
         c = self.config
         dev = self.lm_head.weight.device
         zero = torch.zeros((), device=dev)

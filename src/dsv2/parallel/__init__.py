@@ -13,7 +13,6 @@ from .dist import (
     init_distributed,
     launch,
     maybe_launch,
-    run_guarded,
     strip_nproc,
     torchrun_command,
 )
@@ -30,6 +29,6 @@ __all__ = [
     "MODES", "DataParallel", "DistributedError", "ExpertParallelMoE", "ParallelContext", "adjust_aux",
     "all_to_all", "apply_expert_parallel", "clip_grad_norm_", "export_model", "failfast", "full_state_dict",
     "gather_stats", "init_distributed", "is_expert_param", "launch", "load_optimizer_state_dict",
-    "maybe_launch", "optimizer_state_dict", "run_guarded", "save_pretrained", "setup", "strip_nproc",
+    "maybe_launch", "optimizer_state_dict", "save_pretrained", "setup", "strip_nproc",
     "torchrun_command", "unwrap",
 ]

@@ -7,7 +7,6 @@ gradient clipping over all ranks and the checkpoint helpers of dsv2.parallel.sta
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .dist import ParallelContext, init_distributed
-from .expert_parallel import apply_expert_parallel, ep_layers
+from .expert_parallel import apply_expert_parallel
 
 MODES = ("none", "ddp", "fsdp")
 
@@ -85,8 +84,9 @@ def setup(model: nn.Module, mode: str = "ddp", expert_parallel: bool = False,
 
 # ---- gradient clipping over all ranks ----------------------------------------------------------
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> float:
-    """Clip by the global gradient norm of the whole (logical, unsharded) model; returns that norm.
+def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
+    """Clip by the global gradient norm of the whole (logical, unsharded) model; returns that norm as a
+    0-d tensor (read it with float() only when it is logged: no host synchronisation here).
 
     Sharded pieces (FSDP2 DTensor shards, expert-parallel experts) contribute their squares summed
     over ranks; replicated grads (DDP, ignored params) are identical on every rank and count once.
@@ -95,8 +95,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> 
     from torch.distributed.tensor import DTensor
 
     if not ctx.distributed:  # one process: torch's own (bitwise what a plain trainer does)
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)) if max_norm > 0 else \
-            math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None))
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return _sum_squares(p.grad for p in model.parameters() if p.grad is not None).sqrt()
     grads_sharded, grads_repl, all_grads = [], [], []
     for p in model.parameters():
         if p.grad is None:
@@ -110,27 +111,25 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> 
         else:
             grads_repl.append(g)
     dev = ctx._comm_device()
-    sq_sh = torch.zeros((), dtype=torch.float64, device=dev)
-    for g in grads_sharded:
-        sq_sh += g.detach().double().pow(2).sum().to(dev)
-    if ctx.distributed:
-        with ctx.guard("clip_grad_norm (all_reduce)"):
-            dist.all_reduce(sq_sh, group=ctx.group)
-    sq = sq_sh.cpu() + sum((g.detach().double().pow(2).sum().cpu() for g in grads_repl),
-                           torch.zeros((), dtype=torch.float64))
-    total = math.sqrt(float(sq))
+    sq_sh = _sum_squares(grads_sharded, dev)
+    with ctx.guard("clip_grad_norm (all_reduce)"):
+        dist.all_reduce(sq_sh, group=ctx.group)
+    total = (sq_sh + _sum_squares(grads_repl, dev)).sqrt()
     if max_norm > 0:
-        coef = min(1.0, max_norm / (total + 1e-6))
-        if coef < 1.0:
-            for g in all_grads:
-                g.mul_(coef)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # x 1.0 is exact: no branch on a device value
+        for g in all_grads:
+            g.mul_(coef.to(g.device))
     return total
 
 
-def model_config(model: nn.Module):
-    """The ModelConfig of a (possibly wrapped) DeepseekV2."""
-    return unwrap(model).config
-
-
-def ep_enabled(model: nn.Module) -> bool:
-    return bool(ep_layers(unwrap(model)))
+def _sum_squares(grads, device: torch.device | None = None) -> torch.Tensor:
+    """Σ ||g||² in float64, accumulated one tensor after the other, on `device` (default: the grads')."""
+    total = None
+    for g in grads:
+        sq = g.detach().double().pow(2).sum()
+        if device is not None:
+            sq = sq.to(device)
+        total = sq if total is None else total + sq
+    if total is None:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return total

@@ -65,11 +65,6 @@ class ParallelContext:
         per = n // self.world_size
         return rows[self.rank * per:(self.rank + 1) * per]
 
-    def local_batch_size(self, global_batch: int) -> int:
-        if global_batch % self.world_size:
-            raise ValueError(f"batch size {global_batch} is not divisible by world_size={self.world_size}")
-        return global_batch // self.world_size
-
     # ---- small collectives for logging ---------------------------------------------------------
     def mean(self, value: float | torch.Tensor) -> float:
         """Average a scalar over ranks (for logging; every rank must call it)."""
@@ -211,12 +206,6 @@ def failfast(what: str = "training") -> Iterator[None]:
                 f"Cause: {type(e).__name__}: {cause}")
         print(f"dsv2 parallel: error: {e}", file=sys.stderr, flush=True)
         os._exit(1)
-
-
-def run_guarded(fn: Any, ctx: ParallelContext, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs) under ctx.guard() and failfast()."""
-    with failfast(), ctx.guard():
-        return fn(*args, **kwargs)
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], module: str = "dsv2.train", nnodes: int = 1,

@@ -122,6 +122,7 @@ class ExpertParallelMoE(MoE):
         b, t, d = x.shape
         n = b * t
         flat = x.reshape(n, d)  # (N,D)
+        drop = capacity_factor is not None and self.training  # as MoE: never drop at evaluation
         r = self.route(flat)
         k, w, el = r.idx.shape[1], self.world_size, self.n_local
         dest = r.idx // el  # (N,K) rank of each pick
@@ -152,7 +153,7 @@ class ExpertParallelMoE(MoE):
         e_in, p_in = meta[:, :k].long(), meta[:, k:]
         valid = e_in >= 0  # (Rr,K)
         keep = valid
-        if capacity_factor is not None:
+        if drop:
             g = self.cfg.n_group or 1
             per_group = self.cfg.n_routed_experts // g
             vflat = valid.flatten()
@@ -170,7 +171,7 @@ class ExpertParallelMoE(MoE):
         out = torch.zeros_like(flat).index_add_(0, row_tok, y.to(flat.dtype)).view(b, t, d)
 
         keep_tok = None
-        if capacity_factor is not None:
+        if drop:
             back = _a2a(keep.to(torch.uint8), send_l, recv, self.group).bool()  # (R,K)
             keep_tok = torch.zeros_like(r.idx, dtype=torch.bool)
             rr, kk = on.nonzero(as_tuple=True)

@@ -34,11 +34,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV2_API_KEY, else none)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests (choices) allowed to wait for admission; more get 429 (default 256)")
-    p.add_argument("--max-batch", type=int, default=64, help="requests decoded together (default 64)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="chat completions without max_tokens generate at most this many (default 256)")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="reuse cached prompt prefixes, when the engine supports it (default: the engine's)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 5)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -54,20 +51,10 @@ def model_name(folder: Path) -> str:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    import inspect
-
-    from dsv2.engine import Engine
-
-    kw = dict(kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory, max_batch=args.max_batch,
-              rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk)
-    if args.enable_prefix_caching is not None:
-        accepted = inspect.signature(Engine).parameters
-        name = next((n for n in ("enable_prefix_caching", "prefix_caching") if n in accepted), None)
-        if name is None:
-            logging.getLogger("dsv2.serve").warning("this engine has no prefix cache: --enable-prefix-caching ignored")
-        else:
-            kw[name] = args.enable_prefix_caching
-    return kw
+    """EngineConfig fields from the flags `dsv2 generate` shares with serve."""
+    return dict(kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory, max_batch=args.max_batch,
+                max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
+                rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk)
 
 
 def build_state(args: argparse.Namespace):
@@ -89,6 +76,8 @@ def build_state(args: argparse.Namespace):
     template = ChatTemplate.from_folder(folder)
     model, tokenizer, _, _ = load_checkpoint(folder, cfg, args.dtype, args.device)
     engine = Engine(model, **_engine_kwargs(args))
+    if args.show_config:
+        print(f"engine:\n{engine.config.describe()}", file=sys.stderr)
     metrics = ServerMetrics()
     loop = EngineLoop(engine, model, tokenizer, metrics, args.max_queue)
     capacity = int(engine.cache_report()["capacity_tokens"])

@@ -263,4 +263,5 @@ class EngineLoop:
 
     def _update_gauges(self) -> None:
         sch = self.engine.scheduler
-        self.metrics.set_engine_state(len(sch.running), len(sch.waiting), self.engine.cache_report())
+        self.metrics.set_engine_state(len(sch.running), len(sch.waiting), self.engine.cache_report(),
+                                      self.engine.stats)

@@ -25,13 +25,16 @@ class ServerMetrics:
         self.generation_tokens = Counter("dsv2_generation_tokens", "Generated tokens", registry=r)
         self.running = Gauge("dsv2_requests_running", "Requests in the engine's running set", registry=r)
         self.waiting = Gauge("dsv2_requests_waiting", "Requests queued for admission", registry=r)
-        self.preempted = Gauge("dsv2_requests_preempted", "Requests preempted (always 0: the engine reserves "
-                               "a request's blocks at admission and never preempts)", registry=r)
+        self.preempted = Counter("dsv2_requests_preempted", "Preemptions: running requests sent back to the "
+                                 "queue (blocks freed, recomputed later) when the cache ran out", registry=r)
+        self._preempted_seen = 0
         self.blocks_used = Gauge("dsv2_cache_blocks_used", "KV cache blocks held by requests", registry=r)
         self.blocks_free = Gauge("dsv2_cache_blocks_free", "Free KV cache blocks", registry=r)
         self.blocks_total = Gauge("dsv2_cache_blocks_total", "KV cache blocks in all", registry=r)
-        self.prefix_hit_rate = Gauge("dsv2_prefix_cache_hit_rate", "Fraction of prompt tokens served from the "
-                                     "prefix cache (0 when the engine has none)", registry=r)
+        self.blocks_cached = Gauge("dsv2_cache_blocks_cached", "Blocks holding a prefix-cache entry (in use or "
+                                   "evictable; evictable ones count as free)", registry=r)
+        self.prefix_hit_rate = Gauge("dsv2_prefix_cache_hit_rate", "Fraction of looked-up full prompt blocks "
+                                     "found in the prefix cache", registry=r)
         self.ttft = Histogram("dsv2_time_to_first_token_seconds", "Arrival to first generated token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("dsv2_inter_token_latency_seconds", "Time between consecutive tokens of a request",
@@ -39,16 +42,20 @@ class ServerMetrics:
         self.e2e = Histogram("dsv2_e2e_request_latency_seconds", "Arrival to last token", buckets=E2E_BUCKETS,
                              registry=r)
 
-    def set_engine_state(self, running: int, waiting: int, report: dict) -> None:
-        """Gauges from one look at the engine (called on the loop thread)."""
+    def set_engine_state(self, running: int, waiting: int, report: dict, stats: object) -> None:
+        """Gauges from one look at the engine: `cache_report()` and `stats` (called on the loop thread)."""
         self.running.set(running)
         self.waiting.set(waiting)
         total, free = int(report.get("num_blocks", 0)), int(report.get("free_blocks", 0))
         self.blocks_total.set(total)
         self.blocks_free.set(free)
         self.blocks_used.set(total - free)
-        hit = report.get("prefix_hit_rate", report.get("prefix_cache_hit_rate", 0.0))
-        self.prefix_hit_rate.set(float(hit or 0.0))
+        self.blocks_cached.set(int(report.get("cached_blocks", 0)))
+        self.prefix_hit_rate.set(float(getattr(stats, "prefix_hit_rate", 0.0) or 0.0))
+        preempted = int(getattr(stats, "preemptions", 0) or 0)
+        if preempted > self._preempted_seen:
+            self.preempted.inc(preempted - self._preempted_seen)
+            self._preempted_seen = preempted
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

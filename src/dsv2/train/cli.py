@@ -120,7 +120,8 @@ def build_parser(prog: str = "dsv2 train") -> argparse.ArgumentParser:
     g.add_argument("--keep", type=int, default=d.keep, metavar="N",
                    help="newest checkpoints to keep, 0 = all (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=d.log_every, metavar="N",
-                   help="print a full log line every N steps (every step goes to metrics.jsonl) "
+                   help="print a full log line every N steps; step statistics are read from the device only "
+                        "then (and at evaluations, checkpoints, the end), every step still goes to metrics.jsonl "
                         "(default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--peak-tflops", type=float, default=None, metavar="TF",
@@ -150,8 +151,9 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `dsv2 train`. Returns 0 on success, 2 on bad input (before training), 130 on ^C."""
-    from dsv2.parallel import maybe_launch
+    """Entry point of `dsv2 train`. Returns 0 on success, 2 on bad input (before training), 130 on ^C;
+    with several processes, a failed or timed-out collective exits 1 at once (`parallel.failfast`)."""
+    from dsv2.parallel import failfast, maybe_launch
     from dsv2.train.ckpt import ResumeError
     from dsv2.train.data import DataError
     from dsv2.train.trainer import TrainError, prepare, train
@@ -163,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainError, DataError, ResumeError) as e:
         print(f"dsv2 train: error: {e}", file=sys.stderr)
         return 2
-    summary = train(prep)
+    with failfast():  # a dead/hung peer: one clear line and exit 1 on every rank (no-op in one process)
+        summary = train(prep)
     return 130 if summary["interrupted"] and summary["steps"] < (ns.stop_at or ns.steps) else 0
 
 

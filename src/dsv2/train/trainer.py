@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dsv2.config import ConfigError, ModelConfig
 from dsv2.train import ckpt, data, metrics, optim
@@ -247,6 +248,21 @@ def evaluate(model, val: torch.Tensor, batch_size: int, max_batches: int | None,
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+def build_model(p: Prepared, device: torch.device) -> nn.Module:
+    """The fp32 model to train (fresh, or the resume checkpoint's weights) in train mode, with the CPU
+    precision policy applied (`dsv2.precision.prepare`: on CPUs without native bf16 GEMMs, bf16-autocast
+    matmuls run in fp32, 30-50x faster there; a no-op elsewhere). Same parameters and state-dict keys, so
+    it goes before the parallel wrappers."""
+    from dsv2.model import DeepseekV2
+    from dsv2.precision import prepare
+
+    if p.resume_dir is not None:
+        model = DeepseekV2.from_pretrained(p.resume_dir, dtype=torch.float32, device=device)
+    else:
+        model = DeepseekV2(p.cfg, device=device, dtype=torch.float32)
+    return prepare(model.train())
+
+
 def _rng_state(drop_gen: torch.Generator) -> dict[str, Any]:
     s = {"torch": torch.get_rng_state(), "drop": drop_gen.get_state()}
     if torch.cuda.is_available():
@@ -263,8 +279,7 @@ def _set_rng_state(s: dict[str, Any], drop_gen: torch.Generator) -> None:
 
 def train(p: Prepared) -> dict[str, Any]:
     """Run the training loop; returns the final summary (also written to OUT/summary.json)."""
-    from dsv2 import parallel
-    from dsv2.model import DeepseekV2  # imported late: data/flag errors must not wait for torch modules
+    from dsv2 import parallel  # imported late: data/flag errors must not wait for torch modules
 
     a, cfg = p.args, p.cfg
     pctx = parallel.init_distributed(p.device)
@@ -276,11 +291,7 @@ def train(p: Prepared) -> dict[str, Any]:
     drop_gen = torch.Generator().manual_seed(a.seed + 1)
     if main:
         ckpt.clean_stale_temps(p.out)
-    if p.resume_dir is not None:
-        model = DeepseekV2.from_pretrained(p.resume_dir, dtype=torch.float32, device=dev)
-    else:
-        model = DeepseekV2(cfg, device=dev, dtype=torch.float32)
-    model.train()
+    model = build_model(p, dev)
     n_total, n_active = metrics.active_params(model, cfg)  # before sharding: the logical model
     fpt = metrics.flops_per_token(model, cfg, a.seq_len)
     mode = a.parallel if a.parallel != "auto" else ("ddp" if pctx.world_size > 1 else "none")
@@ -333,6 +344,16 @@ def train(p: Prepared) -> dict[str, Any]:
              f"{par}{f' (resuming at step {step})' if step else ''}")
     stop = a.stop_at or a.steps
     interrupted = False
+    pending: list[StepStats] = []  # steps since the last log point; their statistics are still on the device
+
+    def record(recs: list[dict[str, Any]]) -> None:
+        history.extend(recs)
+        pending.clear()
+        for rec in recs:
+            log_f.write(json.dumps(rec) + "\n")
+        if main:
+            _report(bar, recs, a)
+
     try:
         while step < stop:
             t0 = time.perf_counter()
@@ -340,27 +361,37 @@ def train(p: Prepared) -> dict[str, Any]:
                              min_lr_ratio=a.min_lr_ratio)
             optim.set_lr(opt, lr)
             rows = p.packed.train[sampler.next_indices()]  # (B*accum, T+1)
-            rec = _train_step(model, opt, rows, a, dev, drop_gen, pctx)
-            dt = time.perf_counter() - t0
+            stats = _train_step(model, opt, rows, a, dev, drop_gen, pctx)
             step += 1
+            evals = bool(a.eval_every and step % a.eval_every == 0) or step == a.steps
+            saves = bool(a.save_every and step % a.save_every == 0) or step == a.steps
+            # a log point: a console line, an evaluation, a checkpoint or the last step. Only here are the
+            # statistics read from the device (one host synchronisation for all steps since the last one)
+            logs = evals or saves or step % a.log_every == 0 or step == stop
+            values = read_stats([*pending, stats], a, pctx) if logs else None
+            dt = time.perf_counter() - t0
             tokens_seen += tokens_per_step
             train_time += dt
-            rec.update(step=step, lr=lr, tok_s=tokens_per_step / dt)
-            if (a.eval_every and step % a.eval_every == 0) or step == a.steps:
-                rec.update(evaluate(model, p.packed.val, a.batch_size, a.eval_batches, p.bytes_per_token,
-                                    dev, a.dtype))
-                final_eval = {k: rec[k] for k in ("val_loss", "val_bpb")}
-            history.append(rec)
-            log_f.write(json.dumps(rec) + "\n")
-            if main:
-                _report(bar, rec, a, step)
-            if (a.save_every and step % a.save_every == 0) or step == a.steps:
+            stats.host.update(step=step, lr=lr, tok_s=tokens_per_step / dt)
+            pending.append(stats)
+            if bar is not None:
+                bar.update(1)
+            if values is not None:
+                recs = [{**v, **st.host} for v, st in zip(values, pending)]
+                if evals:
+                    recs[-1].update(evaluate(model, p.packed.val, a.batch_size, a.eval_batches,
+                                             p.bytes_per_token, dev, a.dtype))
+                    final_eval = {k: recs[-1][k] for k in ("val_loss", "val_bpb")}
+                record(recs)
+            if saves:
                 save(step)
                 last_saved = step
         if step > last_saved:  # --stop-at: pause with a checkpoint to --resume from
             save(step)
     except KeyboardInterrupt:
         interrupted = True
+        if pending:  # the finished steps not yet logged go into the checkpoint's history too
+            record([{**v, **st.host} for v, st in zip(read_stats(pending, a, pctx), pending)])
         if step > last_saved:
             print(f"\ninterrupted: saving step {step} ...", file=sys.stderr)
             save(step)
@@ -384,14 +415,27 @@ def train(p: Prepared) -> dict[str, Any]:
     return summary
 
 
+@dataclass
+class StepStats:
+    """One optimizer step's statistics, left where they were computed until a log point reads them."""
+
+    keys: tuple[str, ...]  # names of the per-micro-batch scalars
+    micro: torch.Tensor  # (grad_accum, len(keys)) float64, on the training device
+    grad_norm: torch.Tensor | None  # 0-d, None without clipping
+    load: torch.Tensor | None  # (L_moe, E) picks per expert summed over the micro-batches (this rank)
+    extra: dict[str, Any]  # already on the host (expert-parallel traffic)
+    host: dict[str, Any] = field(default_factory=dict)  # step, lr, tok_s: filled in by the loop
+
+
 def _train_step(model, opt, rows: torch.Tensor, a: TrainArgs, dev: torch.device,
-                drop_gen: torch.Generator, pctx) -> dict[str, float]:
-    """One optimizer step over grad_accum micro-batches of batch_size rows; returns the step's stats."""
-    acc: dict[str, float] = {}
-    loads = []
-    is_moe = model.config.is_moe
+                drop_gen: torch.Generator, pctx) -> StepStats:
+    """One optimizer step over grad_accum micro-batches of batch_size rows. Its statistics stay on the
+    device (no host synchronisation here); `read_stats` turns them into numbers."""
     from dsv2 import parallel
 
+    is_moe = model.config.is_moe
+    keys = ("loss", "aux_loss", "expert_loss", "device_loss", "comm_loss", "dropped_frac") if is_moe else ("loss",)
+    per_micro, loads = [], []
     micros = rows.split(a.batch_size)
     for i, micro in enumerate(micros):
         # the same global micro-batch (and exempt draw) for any number of processes; each keeps its slice
@@ -408,28 +452,48 @@ def _train_step(model, opt, rows: torch.Tensor, a: TrainArgs, dev: torch.device,
             ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
             loss = ce + aux["aux_loss"] if is_moe else ce
             (loss / a.grad_accum).backward()
-        vals = {"loss": ce.item()}
+        per_micro.append(torch.stack([ce.detach().double(), *(aux[k].detach().double() for k in keys[1:])]))
         if is_moe:
-            vals.update({k: float(aux[k].detach()) for k in ("aux_loss", "expert_loss", "device_loss", "comm_loss",
-                                                    "dropped_frac")})
-            loads.append(aux["expert_load"].detach().cpu())
-        for k, v in vals.items():
-            acc[k] = acc.get(k, 0.0) + v / a.grad_accum
-    if a.grad_clip > 0:
-        acc["grad_norm"] = parallel.clip_grad_norm_(model, a.grad_clip, pctx)
+            loads.append(aux["expert_load"].detach())
+    norm = parallel.clip_grad_norm_(model, a.grad_clip, pctx) if a.grad_clip > 0 else None
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if pctx.world_size > 1:  # one all-reduce for all logged scalars: the mean over ranks
-        keys = sorted(k for k in acc if k != "grad_norm")
-        vals = pctx.sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64)) / pctx.world_size
-        acc.update(zip(keys, vals.tolist()))
-    if loads:
-        acc.update(metrics.load_stats(pctx.sum(torch.stack(loads).sum(0))))
+    extra: dict[str, Any] = {}
     ep = parallel.gather_stats(model, pctx)  # expert parallel: per-rank load and all-to-all volume
     if ep is not None:
-        acc["a2a_MB"] = float(ep["a2a_bytes"].sum()) / 1e6
-        acc["rank_load"] = ep["rank_load"].tolist()
-    return acc
+        extra["a2a_MB"] = float(ep["a2a_bytes"].sum()) / 1e6
+        extra["rank_load"] = ep["rank_load"].tolist()
+    return StepStats(keys, torch.stack(per_micro), norm, torch.stack(loads).sum(0) if loads else None, extra)
+
+
+def read_stats(steps: list[StepStats], a: TrainArgs, pctx) -> list[dict[str, Any]]:
+    """The logged numbers of these steps: one device-to-host copy and, with several processes, one
+    all-reduce (every rank calls it at the same steps). Micro-batch values are averaged in the same
+    order and float arithmetic as they would be if read every step."""
+    micro = torch.stack([st.micro for st in steps]).tolist()  # (S, grad_accum, K)
+    norms = [None] * len(steps) if steps[0].grad_norm is None else \
+        torch.stack([st.grad_norm.double() for st in steps]).tolist()
+    recs: list[dict[str, Any]] = []
+    for st, rows, norm in zip(steps, micro, norms):
+        acc: dict[str, Any] = {}
+        for row in rows:
+            for k, v in zip(st.keys, row):
+                acc[k] = acc.get(k, 0.0) + v / a.grad_accum
+        if norm is not None:
+            acc["grad_norm"] = norm
+        recs.append(acc)
+    if pctx.world_size > 1:  # the mean over ranks (the gradient norm is global already)
+        keys = sorted(k for k in recs[0] if k != "grad_norm")
+        vals = pctx.sum(torch.tensor([[r[k] for k in keys] for r in recs], dtype=torch.float64)) / pctx.world_size
+        for r, v in zip(recs, vals.tolist()):
+            r.update(zip(keys, v))
+    if steps[0].load is not None:
+        loads = pctx.sum(torch.stack([st.load for st in steps])).cpu()  # (S, L_moe, E) over all ranks
+        for r, load in zip(recs, loads):
+            r.update(metrics.load_stats(load))
+    for r, st in zip(recs, steps):
+        r.update(st.extra)
+    return recs
 
 
 def _progress(a: TrainArgs, start: int):
@@ -441,19 +505,22 @@ def _progress(a: TrainArgs, start: int):
                 file=sys.stderr)
 
 
-def _report(bar, rec: dict[str, Any], a: TrainArgs, step: int) -> None:
+def _report(bar, recs: list[dict[str, Any]], a: TrainArgs) -> None:
+    """Progress-bar figures (the latest loss, tokens/s over these steps) and the due log lines."""
     if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_s']:.0f}", refresh=False)
-    if step % a.log_every == 0 or "val_loss" in rec or step == a.steps:
-        parts = [f"step {step:>6}"] + [f"{k} {rec[k]:.4g}" for k in LOG_KEYS if k in rec]
-        if "val_loss" in rec:
-            parts.append(f"val_loss {rec['val_loss']:.4f} val_bpb {rec['val_bpb']:.4f}")
-        line = " | ".join(parts)
-        if bar is not None:
-            bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr)
+        tok_s = len(recs) / sum(1.0 / r["tok_s"] for r in recs)
+        bar.set_postfix(loss=f"{recs[-1]['loss']:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
+    for rec in recs:
+        step = rec["step"]
+        if step % a.log_every == 0 or "val_loss" in rec or step == a.steps:
+            parts = [f"step {step:>6}"] + [f"{k} {rec[k]:.4g}" for k in LOG_KEYS if k in rec]
+            if "val_loss" in rec:
+                parts.append(f"val_loss {rec['val_loss']:.4f} val_bpb {rec['val_bpb']:.4f}")
+            line = " | ".join(parts)
+            if bar is not None:
+                bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr)
 
 
 def _print_summary(s: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""The CPU low-precision matmul policy of dsv2.model.layers against float64 re-computations: one-row
+"""The CPU low-precision policy (dsv2.precision, swapped in by `prepare`) against float64 re-computations: one-row
 GEMVs in bf16, multi-row inference GEMMs on a cached pre-packed fp32 copy that follows weight updates,
 and training GEMMs that upcast on the fly so gradients reach the stored weight."""
 
@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from dsv2.model.layers import Linear, native_low_precision
+from dsv2.precision import CpuLinear as Linear
+from dsv2.precision import native_low_precision, prepare
 
 
 def ref(x: torch.Tensor, lin: Linear) -> torch.Tensor:
@@ -37,7 +39,7 @@ def test_packed_copy_follows_weight_updates() -> None:
     with torch.inference_mode():
         lin(x)
     packed = not native_low_precision(torch.device("cpu"), torch.bfloat16)
-    assert hasattr(lin, "_fp32_packed") == packed  # the cache exists only where bf16 is emulated
+    assert hasattr(lin, "_packed") == packed  # the cache exists only where bf16 is emulated
     with torch.no_grad():
         lin.weight.mul_(-2)  # in-place update: the cached copy must be rebuilt
     with torch.inference_mode():
@@ -70,3 +72,29 @@ def test_cached_copies_survive_deepcopy_pickle_and_moves() -> None:
     assert not any(hasattr(lin, c) for c in Linear.CACHES)
     with torch.inference_mode():
         torch.testing.assert_close(lin(x.float()).double(), ref(x.float(), lin), rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_swaps_plain_modules_only_and_keeps_the_state_dict() -> None:
+    from dsv2.config import ModelConfig
+    from dsv2.model import DeepseekV2, Experts
+    from dsv2.precision import CpuExperts
+
+    model = DeepseekV2(ModelConfig.from_preset("tiny"), dtype=torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.inference_mode():
+        want = model(ids)
+    keys = list(model.state_dict())
+
+    class Special(nn.Linear):  # e.g. a quantised module: not a plain nn.Linear, left alone
+        pass
+
+    model.layers[0].self_attn.o_proj.__class__ = Special
+    assert prepare(model) is model and list(model.state_dict()) == keys
+    swapped = not native_low_precision(torch.device("cpu"), torch.bfloat16)
+    assert isinstance(model.lm_head, Linear) == swapped
+    assert type(model.layers[0].self_attn.o_proj) is Special
+    assert all(isinstance(m.experts, CpuExperts) == swapped for m in model.moe_layers())
+    assert all(isinstance(m.experts, Experts) for m in model.moe_layers())
+    with torch.inference_mode():
+        got = model(ids)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)  # bf16 rounding of two orders

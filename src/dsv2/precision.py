@@ -1,0 +1,149 @@
+"""The CPU low-precision policy, applied to a built model from outside by a module-swap pass.
+
+On CPUs without native bf16/fp16 matrix units (no AVX512-BF16 / AMX), PyTorch's bf16 GEMM falls back
+to a path 30-50x slower than fp32. `prepare(model)` swaps the model's `nn.Linear` and routed `Experts`
+for subclasses that run such matmuls in fp32 (weights stay stored as they are, results come back in
+the input's dtype), so `dsv2.model` itself stays plain PyTorch. Where the CPU has native bf16, or the
+model runs on another device, the swapped modules do exactly what the plain ones do.
+
+    model = prepare(DeepseekV2(cfg, dtype=torch.bfloat16))   # in place; returns the model
+
+Shapes: N rows, D in features, O out features, E experts, I expert hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv2.model.moe import Experts
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether matmuls in `dtype` run natively fast on `device` (always, off the CPU and for fp32)."""
+    if dtype not in _LOW or device.type != "cpu":
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def upcast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a matmul on x would run in (autocast's if active), or None when that is native here."""
+    dt = torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x.dtype
+    return None if native_low_precision(x.device, dt) else dt
+
+
+def derived(weight: torch.Tensor, owner: object, slot: str, make: Callable[[torch.Tensor], torch.Tensor]
+            ) -> torch.Tensor:
+    """make(weight), cached on `owner` under `slot` and rebuilt when the weight changes in place (its
+    version counter moves: optimizer steps, load_state_dict, no_grad in-place ops), is replaced, moved
+    or cast. Writes through `.data` bypass the version counter and are not seen."""
+    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        cached = (key, make(weight.detach()))
+        owner.__dict__[slot] = cached
+    return cached[1]
+
+
+def _onednn_packing() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class CpuLinear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) whose low-precision matmuls run in fp32 where
+    the CPU has no native support for them.
+
+    - one row in inference (decode): the low-precision GEMV is not on the slow path and reads half the
+      bytes, so it runs as stored;
+    - several rows in inference: fp32 GEMM on a cached fp32 copy pre-packed in oneDNN's blocked layout
+      (for the 2..~100-row GEMMs of batched decode MKL's plain sgemm re-reads the weight almost once per
+      row; the packed weight runs 1.6-3.3x faster there and no slower at prefill sizes);
+    - training / autocast: upcast on the fly, so gradients reach the stored weight.
+    The cached copy is dropped when the module is moved or cast, and never pickled or deep-copied
+    (a packed oneDNN tensor has no storage).
+    """
+
+    CACHES = ("_packed",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        out = upcast_dtype(x)
+        if out is None and native_low_precision(w.device, w.dtype):
+            return F.linear(x, w, b)
+        inference = not torch.is_grad_enabled()
+        if inference and x.numel() == x.shape[-1] and x.dtype == w.dtype:
+            return F.linear(x, w, b)  # one row: a GEMV as stored
+        autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if (inference and not autocast and x.dtype == w.dtype and _onednn_packing()
+                and not torch.compiler.is_compiling()):  # inductor cannot take an opaque packed weight
+            pw = derived(w, self, "_packed",
+                         lambda t: torch.ops.mkldnn._reorder_linear_weight(t.float().contiguous(), 16))
+            bf = None if b is None else b.float()
+            y = torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), pw, bf, "none", [], "")
+            return y.to(x.dtype)
+        out = out or x.dtype
+        with torch.autocast("cpu", enabled=False):
+            y = F.linear(x.float(), w.float(), None if b is None else b.float())
+        return y.to(out)
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): the cached copy is stale
+        for name in self.CACHES:
+            self.__dict__.pop(name, None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in super().__getstate__().items() if k not in self.CACHES}
+
+
+class CpuExperts(Experts):
+    """Routed experts whose low-precision matmuls run in fp32 where the CPU has no native support.
+
+    In inference no fp32 copy of the experts is kept (it would double the memory of a MoE model): an
+    expert with few rows runs bf16 GEMVs on the stored weights (PyTorch's bf16 matmul costs about one
+    weight pass per row on AVX2), one with more rows is upcast on the fly (~3-4 passes)."""
+
+    GEMV_ROWS = 4
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        out = upcast_dtype(x)
+        if out is None:
+            return super().forward(x, idx, weight, keep)
+        token, order, counts = self.plan(idx, keep)
+        if not torch.is_grad_enabled() and x.dtype == self.gate_proj.dtype and not torch.is_autocast_enabled("cpu"):
+            y = self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
+                              upcast_rows=self.GEMV_ROWS)
+            return y.to(out)
+        with torch.autocast("cpu", enabled=False):
+            y = self.dispatch(x.float(), token, order, counts, weight,
+                              self.gate_proj.float(), self.up_proj.float(), self.down_proj.float())
+        return y.to(out)
+
+
+_SWAPS: dict[type, type] = {nn.Linear: CpuLinear, Experts: CpuExperts}
+
+
+def prepare(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Apply the CPU low-precision policy to `model` in place (and return it).
+
+    Swaps the class of every plain `nn.Linear` and `Experts` (parameters, hooks and state-dict keys are
+    untouched, so optimizers, checkpoints and parallel wrappers see the same module). Does nothing when
+    `device` (default: where the model's parameters are) is not a CPU lacking native bf16/fp16 GEMMs.
+    Quantised or otherwise specialised modules are left alone. Idempotent.
+    """
+    p = next(model.parameters(), None)
+    dev = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    if dev.type != "cpu" or (native_low_precision(dev, torch.bfloat16) and native_low_precision(dev, torch.float16)):
+        return model
+    for m in model.modules():
+        new = _SWAPS.get(type(m))
+        if new is not None:
+            m.__class__ = new
+    return model
