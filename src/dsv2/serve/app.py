@@ -97,6 +97,22 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+class _Stream(StreamingResponse):
+    """An SSE response that aborts its jobs however it ends, even when the client left before the first
+    event (the body generator then never starts, so its own cleanup would not run). Aborting finished
+    jobs is a no-op."""
+
+    def __init__(self, body, on_close) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 class _Handlers:
     def __init__(self, state: ServerState) -> None:
         self.s = state
@@ -212,8 +228,8 @@ class _Handlers:
         if body.stream:
             from dsv2.serve.streams import stream_completion
 
-            return StreamingResponse(stream_completion(self, rid, body, jobs, chan, prompt_of, text_of, lp,
-                                                       use_prompt), media_type="text/event-stream")
+            return _Stream(stream_completion(self, rid, body, jobs, chan, prompt_of, text_of, lp, use_prompt),
+                           lambda: self.s.loop.abort(jobs))
         results = await collect(request, self.s.loop, jobs, chan)
         choices = []
         for i, r in enumerate(results):
@@ -252,8 +268,7 @@ class _Handlers:
         if body.stream:
             from dsv2.serve.streams import stream_chat
 
-            return StreamingResponse(stream_chat(self, rid, body, jobs, chan, len(ids)),
-                                     media_type="text/event-stream")
+            return _Stream(stream_chat(self, rid, body, jobs, chan, len(ids)), lambda: self.s.loop.abort(jobs))
         results = await collect(request, self.s.loop, jobs, chan)
         choices = [render.chat_choice(i, r.text, render.chat_logprobs(self.s.token_text, r.logprobs)
                                       if logprobs is not None else None, r.finish_reason)
