@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import dsv2.checkpoint as ckpt
-from dsv2 import DeepseekV2, ModelConfig
+from dsv2 import DeepseekV2, ModelConfig, atomic
 
 from ._reference import randomize_, rel_err
 
@@ -159,14 +159,14 @@ def test_save_keeps_foreign_files(tmp_path) -> None:
 
 @pytest.mark.parametrize("fail_at", [0, 2])
 def test_failed_save_leaves_previous_checkpoint_unchanged(tmp_path, monkeypatch, fail_at: int) -> None:
-    """save_file raising on its (fail_at+1)-th call (after some shards are written) must not touch
+    """the shard writer raising on its (fail_at+1)-th call (after some shards are written) must not touch
     the checkpoint already at the path, nor leave temporary folders beside it."""
     folder = tmp_path / "ckpt"
     old = _model(seed=43)
     old.save_pretrained(folder, max_shard_size="40KB")
     (folder / "tokenizer.json").write_text("{}")
     before = _snapshot(folder)
-    real = ckpt.save_file
+    real = ckpt.write_file
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -175,7 +175,7 @@ def test_failed_save_leaves_previous_checkpoint_unchanged(tmp_path, monkeypatch,
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_file", flaky)
+    monkeypatch.setattr(ckpt, "write_file", flaky)
     with pytest.raises(OSError, match="simulated"):
         _model(seed=44).save_pretrained(folder, max_shard_size="40KB")
     monkeypatch.undo()
@@ -204,7 +204,7 @@ def test_failed_final_swap_leaves_previous_checkpoint_in_place(tmp_path, monkeyp
     folder = tmp_path / "ckpt"
     _model().save_pretrained(folder)
     before = _snapshot(folder)
-    real = ckpt.os.replace
+    real = atomic.os.replace
     calls = {"n": 0}
 
     def flaky(src, dst):
@@ -213,7 +213,7 @@ def test_failed_final_swap_leaves_previous_checkpoint_in_place(tmp_path, monkeyp
             raise OSError("rename failed (simulated)")
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", flaky)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
     with pytest.raises(OSError, match="simulated"):
         _model(seed=46).save_pretrained(folder)
     monkeypatch.undo()
