@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,17 +26,17 @@ import torch
 from torch import nn
 
 from dsv2.atomic import atomic_folder
-from dsv2.config import ModelConfig
+from dsv2.config import MODEL_TYPE, ConfigError, ModelConfig
 from dsv2.model import DeepseekV2
-from dsv2.quant.swap import QuantConfig, quant_config_of, resolve, swap_empty
+from dsv2.quant.swap import QUANT_MODEL_TYPE, QuantConfig, quant_config_of, resolve, swap_empty
 from dsv2.tensorfile import INDEX_FILE, SINGLE_FILE, CheckpointError, Spec, TensorFiles, write_file, write_tensors
 from dsv2.units import parse_bytes
 
 # keys some writers add that carry no weights (rotary tables are derived from the config)
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _STACKED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
-__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "install", "hub_specs", "INDEX_FILE",
-           "SINGLE_FILE"]
+__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "write_random_checkpoint", "install",
+           "hub_specs", "INDEX_FILE", "SINGLE_FILE"]
 
 
 def parse_size(size: int | str) -> int:
@@ -103,6 +104,7 @@ def write_config(folder: Path, cfg: ModelConfig, torch_dtype: torch.dtype, qc: Q
     d.pop("quantization_config", None)
     if qc is not None:
         d["quantization_config"] = qc.to_dict()
+        d["model_type"] = QUANT_MODEL_TYPE
     (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
@@ -146,6 +148,21 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder (or config.json), quantised folders included."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"no config.json at {file}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from e
+    if data.get("model_type") == QUANT_MODEL_TYPE:
+        data["model_type"] = MODEL_TYPE
+    return ModelConfig.from_dict(data)
+
+
 def stored_quant_config(cfg: ModelConfig, path: Path) -> QuantConfig | None:
     d = cfg.extra.get("quantization_config")
     return None if d is None else QuantConfig.from_dict(d, where=f"{path / 'config.json'} quantization_config")
@@ -180,7 +197,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    cfg = ModelConfig.from_json(path / "config.json")
+    cfg = read_config(path)
     stored = stored_quant_config(cfg, path)
     qc = resolve(weights, group_size, stored, where=str(path))
     files = TensorFiles(weight_files(path))
@@ -215,3 +232,32 @@ class HubIO:
 def install() -> None:
     """Give `DeepseekV2.from_pretrained` / `.save_pretrained` their implementation (dsv2/__init__ calls it)."""
     DeepseekV2._checkpoint_io = HubIO
+
+
+# ---- random checkpoints (`dsv2 init`) ----------------------------------------------------------
+def _random_tensor(spec: Spec, std: float, seed: int) -> torch.Tensor:
+    """What `DeepseekV2.reset_parameters` would give this tensor: ones for norms, zeros for biases,
+    else N(0, std); seeded per key, so the result does not depend on the order of writing."""
+    if spec.name.endswith("norm.weight"):
+        return torch.ones(spec.shape, dtype=spec.dtype)
+    if spec.name.endswith(".bias"):
+        return torch.zeros(spec.shape, dtype=spec.dtype)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**63)
+    return torch.empty(spec.shape, dtype=spec.dtype).normal_(0.0, std, generator=gen)
+
+
+def write_random_checkpoint(cfg: ModelConfig, path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                            seed: int = 0, max_shard_size: int | str = "4GB") -> int:
+    """A random checkpoint of `cfg`'s real shape in the hub layout, written tensor by tensor (atomically).
+
+    The model is never built: shapes come from a meta-device model, each tensor is drawn when its turn
+    to be written comes and freed after, so memory stays at about one tensor (the embedding of
+    V2-Lite: 0.4 GB in bf16). Returns the bytes of weights written.
+    """
+    with torch.device("meta"):
+        model = DeepseekV2(cfg, device="meta", dtype=dtype)
+    specs, _ = hub_specs(model)
+    with atomic_folder(path, carry_over=lambda name: not _checkpoint_file(name)) as tmp:
+        write_tensors(tmp, specs, lambda s: _random_tensor(s, cfg.initializer_range, seed), parse_size(max_shard_size))
+        write_config(tmp, cfg, dtype, None)
+    return sum(s.nbytes for s in specs)

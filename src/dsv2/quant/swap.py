@@ -22,6 +22,10 @@ from dsv2.quant.modules import WEIGHT_FORMATS, QuantExperts, QuantLinear, check_
 
 SKIP = (r"(^|\.)mlp\.gate$", r"(^|\.)kv_b_proj$")
 QUANT_METHOD = "dsv2"
+# config.json's model_type in a quantised folder: readers that do not know dsv2's int8/int4 layout
+# (transformers, vLLM, an older dsv2) stop with "unrecognised model type" instead of loading garbage
+# (transformers only warns about an unknown quant_method and initialises the missing weights randomly)
+QUANT_MODEL_TYPE = "deepseek_v2_dsv2_quantized"
 FORMAT_VERSION = 1
 
 
@@ -59,23 +63,23 @@ class QuantConfig:
 
 def resolve(weights: str | None, group_size: int | None, stored: QuantConfig | None,
             where: str = "the checkpoint") -> QuantConfig | None:
-    """The format to load: the folder's own, a request, or None (unquantised); conflicts are errors."""
-    if weights in ("bf16", "none"):
-        weights = None
-    if weights is not None:
+    """The format to load: the folder's own, a request, or None (float); conflicts are errors.
+
+    weights: None (as stored), "bf16" (float weights, as stored in the folder's dtype), "int8", "int4".
+    """
+    if weights is not None and weights != "bf16":
         check_format(weights)
-    if group_size is not None and weights != "int4" and (stored is None or stored.weights != "int4"):
+    if group_size is not None and weights != "int4" and not (weights is None and stored and stored.weights == "int4"):
         raise QuantError(f"group_size={group_size} applies to weights='int4' only (weights={weights!r})")
     if stored is None:
-        return None if weights is None else QuantConfig(weights, 128 if group_size is None else group_size)
-    if weights is None and group_size is None or (weights in (None, stored.weights)
-                                                   and group_size in (None, stored.group_size)):
+        return None if weights in (None, "bf16") else QuantConfig(weights, 128 if group_size is None else group_size)
+    if weights in (None, stored.weights) and group_size in (None, stored.group_size):
         return stored
     want = f"weights={weights!r}" + (f", group_size={group_size}" if group_size is not None else "")
     have = f"weights={stored.weights!r}" + (f", group_size={stored.group_size}" if stored.weights == "int4" else "")
     raise QuantError(f"{where} is already quantised ({have}); it cannot be loaded with {want}. "
-                     "Load it without weights=/group_size= (or with the same values), or quantise the "
-                     "bf16 original again")
+                     "Load it without weights=/group_size= (or with the same values), or load the "
+                     "float original with the format you want")
 
 
 def targets(model: nn.Module, skip: tuple[str, ...] = SKIP) -> list[tuple[str, nn.Module]]:
