@@ -150,17 +150,17 @@ def weight_files(path: Path) -> list[Path]:
 
 def read_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint folder (or config.json), quantised folders included."""
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"no config.json at {file}")
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from e
-    if data.get("model_type") == QUANT_MODEL_TYPE:
-        data["model_type"] = MODEL_TYPE
-    return ModelConfig.from_dict(data)
+        return ModelConfig.from_json(path)
+    except ConfigError as e:  # a quantised folder's own model_type (QUANT_MODEL_TYPE)?
+        file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+        try:
+            data = json.loads(file.read_text())
+        except ValueError:
+            raise e from None
+        if data.get("model_type") != QUANT_MODEL_TYPE:
+            raise
+        return ModelConfig.from_dict({**data, "model_type": MODEL_TYPE})
 
 
 def stored_quant_config(cfg: ModelConfig, path: Path) -> QuantConfig | None:

@@ -4,6 +4,7 @@ tied embeddings, and atomic saves (a save that fails midway leaves the previous 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,32 @@ def test_parse_size() -> None:
     assert ckpt.parse_size(1234) == 1234
     with pytest.raises(ValueError, match="lots"):
         ckpt.parse_size("lots")
+
+
+def test_one_atomic_writer_for_model_and_training_checkpoints(tmp_path) -> None:
+    """A model saved inside a training checkpoint is written in place (no second, nested temp folder),
+    both land with the umask's permissions, and clean_stale_temps removes either writer's leftovers."""
+    from dsv2.train import ckpt as train_ckpt
+
+    seen: list[list[str]] = []
+
+    def write(folder: Path) -> None:
+        _model().save_pretrained(folder)
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        (folder / train_ckpt.STATE_FILE).write_text("state")
+
+    final = train_ckpt.save_checkpoint(tmp_path, 7, write)
+    assert len(seen[0]) == 1 and seen[0][0].startswith(atomic.TEMP_PREFIX + "step-000007")
+    assert (final / "model.safetensors").exists() and (final / "config.json").exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (final, final / "model.safetensors", final / train_ckpt.STATE_FILE):
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
+    _model().save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "plain" / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    # leftovers of a crash in either writer (temp folder being filled, old folder being swapped out)
+    for name in (".tmp-step-000008-1-abc", ".tmp-plain-2-def", ".old-plain-3-123"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    train_ckpt.clean_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "plain", "step-000007"]
