@@ -188,9 +188,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     """Build the model on the meta device and fill it from the checkpoint, one stored tensor at a time.
 
     weights="int8" | "int4" quantises every Linear (but the router and kv_b_proj) and the experts while
-    loading: the bf16 model never exists. A quantised folder loads in its own format; asking it for
-    another is an error. dtype: the float dtype (for a quantised model, its activation dtype; default
-    the folder's torch_dtype). None keeps each stored tensor's dtype for an unquantised model.
+    loading: the bf16 model never exists. weights="bf16" loads float weights in bf16. A quantised folder
+    loads in its own format; asking it for another is an error. dtype: the float dtype (for a quantised
+    model, its activation dtype; default the folder's torch_dtype). None keeps each stored tensor's
+    dtype for an unquantised model.
     """
     from dsv2.quant.loader import fill_model  # the per-module conversions live with the quantised modules
 
@@ -200,6 +201,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     cfg = read_config(path)
     stored = stored_quant_config(cfg, path)
     qc = resolve(weights, group_size, stored, where=str(path))
+    if weights == "bf16" and dtype is None:
+        dtype = torch.bfloat16
     files = TensorFiles(weight_files(path))
     device = torch.device(device or "cpu")
     with torch.device("meta"):

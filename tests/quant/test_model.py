@@ -156,3 +156,15 @@ def test_transformers_refuses_a_quantised_folder_with_a_message(bf16_folder, tmp
     DeepseekV2.from_pretrained(bf16_folder, weights="int8").save_pretrained(tmp_path / "q")
     with pytest.raises(Exception, match=r"(?i)quantization|quant_method|dsv2"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+@torch.no_grad()
+def test_bf16_request_loads_float_weights_in_bf16(tmp_path) -> None:
+    fp32 = DeepseekV2(ModelConfig.from_preset("tiny"))
+    with torch.no_grad():
+        randomize_(fp32, seed=5)
+    fp32.save_pretrained(tmp_path)
+    model = DeepseekV2.from_pretrained(tmp_path, weights="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert isinstance(model.layers[1].mlp.experts, Experts)
+    assert torch.equal(model.layers[1].mlp.experts.up_proj[3], fp32.layers[1].mlp.experts.up_proj[3].bfloat16())
