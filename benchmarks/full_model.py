@@ -7,8 +7,9 @@ and the memory-bandwidth roofline of decode, measured in one run.
 
 A random V2-Lite-shaped folder is written once with `dsv2 init` (cached in --work). Then, for each
 weight format, in a fresh child process (so that its peak RSS is its own):
-  load     `from_pretrained(DIR, weights=W)`: the bf16 tensors streamed and quantised one at a time;
-           seconds and peak RSS; then the quantised folder is saved and re-loaded (memory-mapped)
+  quantize `dsv2 quantize` into --work (one module at a time): seconds, peak RSS; with --stream-load
+           also `from_pretrained(bf16 DIR, weights=W)` (quantised in memory while streaming)
+  load     (a second child) the quantised folder, memory-mapped: seconds, peak RSS
   prefill  one 512-token prompt, tokens/s
   decode   a 1024-token context, then one token at a time (absorbed MLA), tokens/s (best of rounds)
   bytes    weight bytes the quantised modules read for one decode token (each module counts what it
@@ -34,6 +35,7 @@ from _common import machine, peak_rss_gib, timed_rounds
 from dsv2 import DeepseekV2, ModelConfig
 from dsv2.checkpoint import write_random_checkpoint
 from dsv2.model.attention import DenseCache
+from dsv2.quant.convert import quantize_folder
 
 
 def lite(layers: int) -> ModelConfig:
@@ -67,25 +69,36 @@ def reset_counters(model: torch.nn.Module) -> None:
             m.bytes_read = 0
 
 
+def qdir(args: argparse.Namespace, w: str) -> Path:
+    return Path(args.work) / f"{Path(args.model).name}-{w}"
+
+
+def quantize_phase(args: argparse.Namespace) -> dict:
+    """`dsv2 quantize` (one module at a time), then optionally the streamed load from the bf16 folder."""
+    torch.set_num_threads(args.threads)
+    out: dict = {}
+    t0 = time.perf_counter()
+    quantize_folder(args.model, qdir(args, args.one), args.one, args.group_size)
+    out["quantize_s"], out["quantize_peak_gib"] = time.perf_counter() - t0, peak_rss_gib()
+    out["folder_gib"] = sum(f.stat().st_size for f in qdir(args, args.one).glob("*.safetensors")) / 2**30
+    if args.stream_load:  # from_pretrained(bf16 folder, weights=W): the quantised model built in memory
+        t0 = time.perf_counter()
+        DeepseekV2.from_pretrained(args.model, weights=args.one, group_size=args.group_size)
+        out["stream_load_s"], out["stream_load_peak_gib"] = time.perf_counter() - t0, peak_rss_gib()
+    return out
+
+
 @torch.no_grad()  # (not inference_mode: the absorbed path tracks weight versions)
 def run_one(args: argparse.Namespace) -> dict:
-    """One weight format, in this (child) process."""
+    """One weight format, in this (child) process: load, prefill, decode, bytes, roofline."""
     torch.set_num_threads(args.threads)
-    w = None if args.one == "bf16" else args.one
     out: dict = {"weights": args.one}
     t0 = time.perf_counter()
-    model = DeepseekV2.from_pretrained(args.model, dtype=torch.bfloat16, weights=w, group_size=args.group_size)
+    if args.one == "bf16":
+        model = DeepseekV2.from_pretrained(args.model, dtype=torch.bfloat16)
+    else:  # the quantised folder, memory-mapped: what a user of `dsv2 quantize` loads
+        model = DeepseekV2.from_pretrained(qdir(args, args.one))
     out["load_s"], out["load_peak_gib"] = time.perf_counter() - t0, peak_rss_gib()
-    if w is not None and args.save:
-        qdir = Path(args.work) / f"{Path(args.model).name}-{w}"
-        t0 = time.perf_counter()
-        model.save_pretrained(qdir)
-        out["save_s"] = time.perf_counter() - t0
-        del model
-        t0 = time.perf_counter()
-        model = DeepseekV2.from_pretrained(qdir)  # memory-mapped: what a user of a `dsv2 quantize` folder sees
-        out["mapped_load_s"] = time.perf_counter() - t0
-        out["folder_gib"] = sum(f.stat().st_size for f in qdir.glob("*.safetensors")) / 2**30
     model.eval()
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -128,13 +141,16 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024, help="decode context tokens (default 1024)")
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps (best taken; default 8)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--no-save", dest="save", action="store_false", help="skip writing/re-loading the quantised folder")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one format and print JSON
+    ap.add_argument("--stream-load", action="store_true",
+                    help="also time from_pretrained(bf16 folder, weights=W), which holds the quantised model in RAM")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one format, one phase, JSON out
+    ap.add_argument("--phase", default="run", choices=("quantize", "run"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.one:
-        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        print("RESULT " + json.dumps(quantize_phase(args) if args.phase == "quantize" else run_one(args)), flush=True)
         return
-    print(f"machine: {machine()}; threads {args.threads}")
+    print(f"machine: {machine()}")
     if args.model is None:
         args.model = str(Path(args.work) / f"v2lite-{args.layers}L-bf16")
         if not (Path(args.model) / "config.json").exists():
@@ -147,18 +163,24 @@ def main() -> None:
           f"prefill {args.prompt} tokens, decode at {args.context} tokens of context", flush=True)
     rows = []
     for w in args.weights:
-        cmd = [sys.executable, __file__, "--one", w, *sys.argv[1:], "--model", args.model]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-        if res.returncode or not line:
-            print(f"{w}: failed (exit {res.returncode}):\n{res.stderr[-3000:]}", flush=True)
-            continue
-        r = json.loads(line[0].removeprefix("RESULT "))
-        rows.append(r)
-        extra = (f", saved in {r['save_s']:.0f} s ({r['folder_gib']:.2f} GiB), re-loaded mapped in "
-                 f"{r['mapped_load_s']:.1f} s" if "save_s" in r else "")
-        print(f"{w}: streamed load {r['load_s']:.0f} s (peak RSS {r['load_peak_gib']:.2f} GiB){extra}; "
-              f"peak RSS overall {r['peak_gib']:.2f} GiB", flush=True)
+        r: dict = {}
+        for phase in (("quantize", "run") if w != "bf16" else ("run",)):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--model", args.model, "--one", w, "--phase", phase]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+            if res.returncode or not line:
+                print(f"{w} {phase}: failed (exit {res.returncode}):\n{res.stderr[-3000:]}", flush=True)
+                break
+            r.update(json.loads(line[0].removeprefix("RESULT ")))
+            if phase == "quantize":
+                extra = (f"; from_pretrained(bf16, weights={w}) {r['stream_load_s']:.0f} s, peak RSS "
+                         f"{r['stream_load_peak_gib']:.2f} GiB" if "stream_load_s" in r else "")
+                print(f"{w}: dsv2 quantize {r['quantize_s']:.0f} s, peak RSS {r['quantize_peak_gib']:.2f} GiB, "
+                      f"folder {r['folder_gib']:.2f} GiB{extra}", flush=True)
+        if "decode_tok_s" in r:
+            rows.append(r)
+            print(f"{w}: load {r['load_s']:.1f} s (memory-mapped), peak RSS {r['load_peak_gib']:.2f} GiB after "
+                  f"load, {r['peak_gib']:.2f} GiB after prefill + decode", flush=True)
     if not rows:
         return
     print(f"\n{'weights':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'MB/token':>9} {'(64 experts)':>13} "

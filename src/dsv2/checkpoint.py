@@ -108,23 +108,31 @@ def write_config(folder: Path, cfg: ModelConfig, torch_dtype: torch.dtype, qc: Q
     (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
-def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "4GB",
-                    dtype: torch.dtype | None = None) -> None:
-    """Write config.json + safetensors (sharded above max_shard_size) atomically, one tensor at a time.
+def write_checkpoint(path: str | Path, cfg: ModelConfig, specs: list[Spec], produce: Callable[[Spec], torch.Tensor],
+                     max_shard_size: int | str, float_dtype: torch.dtype, qc: QuantConfig | None = None) -> None:
+    """The one way a checkpoint folder is written: atomically, tensor by tensor, then config.json.
 
-    A quantised model (`dsv2.quant`) is written in its int8/int4 form with a `quantization_config`.
     Files in an existing `path` that are not checkpoint files (e.g. tokenizer.json) are kept; a
     failure at any point leaves the previous checkpoint at `path` untouched.
     """
     limit = parse_size(max_shard_size)
-    specs, produce = hub_specs(model, dtype)
-    float_dtype = dtype or model.embed_tokens.weight.dtype
     with atomic_folder(path, carry_over=lambda name: not _checkpoint_file(name)) as tmp:
         for stale in tmp.iterdir():  # writing in place inside an outer atomic folder: start clean
             if _checkpoint_file(stale.name):
                 stale.unlink()
         write_tensors(tmp, specs, produce, limit, write=write_file)
-        write_config(tmp, model.config, float_dtype, quant_config_of(model))
+        write_config(tmp, cfg, float_dtype, qc)
+
+
+def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "4GB",
+                    dtype: torch.dtype | None = None) -> None:
+    """Write config.json + safetensors (sharded above max_shard_size) atomically, one tensor at a time.
+
+    A quantised model (`dsv2.quant`) is written in its int8/int4 form with a `quantization_config`.
+    """
+    specs, produce = hub_specs(model, dtype)
+    write_checkpoint(path, model.config, specs, produce, max_shard_size, dtype or model.embed_tokens.weight.dtype,
+                     quant_config_of(model))
 
 
 # ---- load -------------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ def stored_quant_config(cfg: ModelConfig, path: Path) -> QuantConfig | None:
     return None if d is None else QuantConfig.from_dict(d, where=f"{path / 'config.json'} quantization_config")
 
 
-def _check_keys(path: Path, files: TensorFiles, expected: dict[str, tuple[int, ...]]) -> None:
+def check_keys(path: Path, files: TensorFiles, expected: dict[str, tuple[int, ...]]) -> None:
     have = {k: files.shape(k) for k in files.keys() if not IGNORED_KEYS.match(k)}
     missing = sorted(set(expected) - set(have))
     unexpected = sorted(set(have) - set(expected))
@@ -208,11 +216,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         model = DeepseekV2(cfg, device="meta")
     if qc is not None and stored is None:  # quantise from the float tensors
-        _check_keys(path, files, {k: v[0] for k, v in hub_shapes(model).items()})
+        check_keys(path, files, {k: v[0] for k, v in hub_shapes(model).items()})
     act = dtype or _folder_dtype(cfg)
     swapped = swap_empty(model, qc, act) if qc is not None else []
     if qc is None or stored is not None:
-        _check_keys(path, files, {k: v[0] for k, v in hub_shapes(model).items()})
+        check_keys(path, files, {k: v[0] for k, v in hub_shapes(model).items()})
     fill_model(model, files, hub_shapes(model), swapped, dtype if qc is None else act, device,
                quantise=stored is None)
     return model.to(device) if device.type != "cpu" else model
@@ -260,7 +268,5 @@ def write_random_checkpoint(cfg: ModelConfig, path: str | Path, dtype: torch.dty
     with torch.device("meta"):
         model = DeepseekV2(cfg, device="meta", dtype=dtype)
     specs, _ = hub_specs(model)
-    with atomic_folder(path, carry_over=lambda name: not _checkpoint_file(name)) as tmp:
-        write_tensors(tmp, specs, lambda s: _random_tensor(s, cfg.initializer_range, seed), parse_size(max_shard_size))
-        write_config(tmp, cfg, dtype, None)
+    write_checkpoint(path, cfg, specs, lambda s: _random_tensor(s, cfg.initializer_range, seed), max_shard_size, dtype)
     return sum(s.nbytes for s in specs)
