@@ -13,7 +13,14 @@ import torch.nn.functional as F
 
 from dsv2.model.moe import Experts
 from dsv2.quant import QuantError, QuantExperts, QuantLinear
-from dsv2.quant.kernels import INT8_DEQUANT_ROWS, quantize_int4, quantize_int8
+from dsv2.quant.kernels import (
+    INT4_DEQUANT_ROWS,
+    INT8_DEQUANT_ROWS,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -59,7 +66,7 @@ def test_int4_linear_matches_float64_dequantised_reference(dtype: torch.dtype, n
     sz = mod.scales_and_zeros.double()  # (Kp/g, Np, 2)
     s, z = sz[..., 0].T[:n].repeat_interleave(group, 1), sz[..., 1].T[:n].repeat_interleave(group, 1)
     deq = (q[:n].double() - 8) * s + z  # (n, Kp)
-    for m in (1, 5, 33):
+    for m in (1, 5, 33, INT4_DEQUANT_ROWS + 5):  # kernel rows, and the dequantise + GEMM path
         x = _x(m, k, dtype)
         ref = F.pad(x.double(), (0, deq.shape[1] - k)) @ deq.T
         y = mod(x)
@@ -127,3 +134,16 @@ def test_bad_requests_are_named() -> None:
     qe = QuantExperts(4, 64, 32, "int8", dtype=torch.float32)
     with pytest.raises(QuantError, match=r"expert 1 down_proj.*\(32, 64\), expected \(64, 32\)"):
         qe.set_expert(1, torch.randn(32, 64), torch.randn(32, 64), torch.randn(32, 64))
+
+
+@pytest.mark.parametrize("n, k", [(64, 64), (128, 96), (48, 64), (208, 256), (16, 32)])
+def test_unpack_inverts_the_cpu_int4_packing(n: int, k: int) -> None:
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=GEN)
+    assert torch.equal(unpack_int4(pack_int4(q), n, k), q)
+
+
+def test_dequantised_weight_is_what_the_kernel_multiplies_by() -> None:
+    """QuantLinear.weight (unpacked in Python) against the kernel applied to the identity."""
+    q = QuantLinear.from_weight(_w(80, 256), None, "int4", 64, torch.float32)
+    via_kernel = q(torch.eye(256)).T  # (N,K)
+    assert torch.allclose(q.weight, via_kernel, atol=1e-6)

@@ -26,6 +26,7 @@ _ROWS = 4096  # rows quantised at a time: bounds the fp32 temporaries for a (102
 # above this many activation rows, dequantising an int8 weight and running the dense GEMM is faster
 # than the int8 kernel (which costs ~one weight pass per ~8 rows on CPU)
 INT8_DEQUANT_ROWS = 128
+INT4_DEQUANT_ROWS = 192  # for int4 (unpacking costs more than an int8 cast)
 
 
 class QuantError(ValueError):
@@ -92,6 +93,24 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return (q.to(dtype) - 8) * s + z
 
 
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: (n, k/2) packed -> (n, k) uint8 codes. The CPU layout, found by experiment
+    (tests/quant checks the round trip): rows in blocks of 64, each block a (k, 32) byte array whose
+    low nibbles are rows 0..31 and high nibbles rows 32..63 of the block; a last block of fewer rows
+    (16, 32 or 48) holds even rows in the low and odd rows in the high nibbles."""
+    flat = packed.reshape(-1)
+    full = n // 64
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    if full:
+        blocks = flat[: full * 32 * k].view(full, k, 32)  # (B,K,32)
+        both = torch.stack((blocks & 15, blocks >> 4), dim=1)  # (B,2,K,32)
+        out[: full * 64] = both.permute(0, 1, 3, 2).reshape(full * 64, k)  # (B*64,K)
+    if n > full * 64:
+        tail = flat[full * 32 * k:].view(k, (n - full * 64) // 2)  # (K,t/2)
+        out[full * 64:] = torch.stack((tail & 15, tail >> 4), dim=-1).reshape(k, -1).t()  # (t,K)
+    return out
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(N,K) uint8 in [0,15] -> the CPU kernel's (N, K/2) uint8 layout (rows are packed independently)."""
     return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + _ROWS].to(torch.int32), 1)
@@ -126,8 +145,19 @@ class Int4Weight:
         sz = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (Kp/g,Np,2)
         return cls(pack_int4(q), sz, n, k, group_size)
 
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (N,K) weight in `dtype`: (q - 8)·scale + zero, padding dropped."""
+        np_, kp = self.packed.shape[0], self.packed.shape[1] * 2
+        q = unpack_int4(self.packed, np_, kp)[: self.n]  # (N,Kp)
+        sz = self.scales_and_zeros[:, : self.n].to(dtype)  # (Kp/g,N,2)
+        w = q.to(dtype).unflatten(1, (kp // self.group_size, self.group_size)) - 8  # (N,Kp/g,g)
+        w = w * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.flatten(1)[:, : self.k]
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M,K) -> (M,N) in x.dtype (scales_and_zeros must be in x.dtype)."""
+        if x.shape[0] > INT4_DEQUANT_ROWS:
+            return F.linear(x, self.dequantize(x.dtype))
         kp = self.packed.shape[1] * 2
         if kp > self.k:
             x = F.pad(x, (0, kp - self.k))  # (M,Kp): zero activations make the padded columns vanish

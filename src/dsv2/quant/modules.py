@@ -84,8 +84,8 @@ class _Quantised(nn.Module):
         q = getattr(self, f"{prefix}qweight")[index]
         if self.weights == "int8":
             return dequantize_int8(q, getattr(self, f"{prefix}scales")[index], self.dtype)
-        eye = torch.eye(k, dtype=self.dtype, device=q.device)  # the kernel applied to I_K gives Wᵀ exactly
-        return self._mm(prefix, index, eye, n, k).t().contiguous()
+        sz = getattr(self, f"{prefix}scales_and_zeros")[index]
+        return Int4Weight(q, sz, n, k, self.group_size).dequantize(self.dtype)
 
 
 class QuantLinear(_Quantised):
