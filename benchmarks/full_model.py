@@ -31,11 +31,19 @@ from pathlib import Path
 
 import torch
 
-from _common import machine, peak_rss_gib, timed_rounds
+from _common import machine, timed_rounds
 from dsv2 import DeepseekV2, ModelConfig
 from dsv2.checkpoint import write_random_checkpoint
 from dsv2.model.attention import DenseCache
 from dsv2.quant.convert import quantize_folder
+
+
+def peak_rss_gib() -> float:
+    """Peak RSS of this process's own address space (VmHWM; ru_maxrss would count the parent it was forked from)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def lite(layers: int) -> ModelConfig:

@@ -25,9 +25,9 @@ SLACK = 48 * 2**20  # allocator arenas, page tables, the loader's bookkeeping
 
 def _child_peak(code: str) -> dict:
     """Run `code` in a fresh interpreter; it prints a JSON dict. `base` (RSS just before the measured
-    part) and `peak` (ru_maxrss at the end) are added, in bytes."""
+    part) and `peak` (the process's peak RSS at the end) are added, in bytes."""
     prog = textwrap.dedent("""
-        import json, resource, torch
+        import json, torch
         torch.set_num_threads(1)
         def rss():
             return int(open("/proc/self/statm").read().split()[1]) * 4096
@@ -40,7 +40,10 @@ def _child_peak(code: str) -> dict:
         base = rss()
         out = {}
     """) + textwrap.dedent(code) + textwrap.dedent("""
-        out.update(base=base, peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        # VmHWM: the peak of this process's own address space (ru_maxrss would include the RSS of the
+        # pytest process this one was forked from)
+        hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
+        out.update(base=base, peak=int(hwm.split()[1]) * 1024)
         print(json.dumps(out))
     """)
     res = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=600)
