@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--stream-load", action="store_true",
                     help="also time from_pretrained(bf16 folder, weights=W), which holds the quantised model in RAM")
+    ap.add_argument("--reuse", action="store_true", help="use the quantised folders already in --work")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one format, one phase, JSON out
     ap.add_argument("--phase", default="run", choices=("quantize", "run"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,7 +173,8 @@ def main() -> None:
     rows = []
     for w in args.weights:
         r: dict = {}
-        for phase in (("quantize", "run") if w != "bf16" else ("run",)):
+        reuse = args.reuse and (qdir(args, w) / "config.json").exists()
+        for phase in (("quantize", "run") if w != "bf16" and not reuse else ("run",)):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--model", args.model, "--one", w, "--phase", phase]
             res = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -176,6 +176,8 @@ class QuantExperts(_Quantised):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         n, k = idx.shape
+        if n == 1 and keep is None:  # one-token decode: no sort / gather / scatter, just the K experts
+            return self._one_token(x, idx[0].tolist(), weight[0])
         flat = idx.flatten()  # (N*K,)
         order = torch.argsort(flat, stable=True)
         if keep is not None:
@@ -194,6 +196,16 @@ class QuantExperts(_Quantised):
             return torch.zeros_like(x)
         ys = torch.cat(outs).float() * weight.flatten()[order, None].float()  # (P,D)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, ys)
+        return out.to(x.dtype)
+
+    def _one_token(self, x: torch.Tensor, experts: list[int], weight: torch.Tensor) -> torch.Tensor:
+        """x (1,D), K expert ids, weight (K,) -> (1,D): Σ_k weight_k · expert_k(x), summed in fp32."""
+        x1 = x.to(self.dtype)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, w in zip(experts, weight.float()):
+            gu = self._mm("gate_up_", (e,), x1, 2 * self.hidden, self.dim)  # (1,2I)
+            h = F.silu(gu[:, : self.hidden]) * gu[:, self.hidden:]  # (1,I)
+            out += w * self._mm("down_", (e,), h, self.dim, self.hidden).float()
         return out.to(x.dtype)
 
     def dequantised(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
