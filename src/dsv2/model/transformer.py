@@ -6,7 +6,7 @@ Shapes: B batch, T new tokens, S cached + new tokens, D hidden_size, V vocab_siz
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ class DeepseekV2(nn.Module):
     # Importing the dsv2 package runs dsv2.checkpoint.install(), which sets `_checkpoint_io` to an object
     # with load(path, ...) and save(model, path, ...). (Importing dsv2.model imports the dsv2 package
     # first, so the two methods work however DeepseekV2 was imported.)
-    _checkpoint_io: ClassVar[Any] = None
+    _checkpoint_io: Any = None  # (class attribute)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
