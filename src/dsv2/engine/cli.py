@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from dsv2.engine.quant import CACHE_DTYPES
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dsv2.units import DTYPES
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +37,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory", default=None, help="cache budget, e.g. 4GiB (default: enough for the batch)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="weight dtype; auto = fp32 below 1B parameters, else bf16")
+    p.add_argument("--weights", default=None, choices=("bf16", "int8", "int4"),
+                   help="weight format: int8 (per channel) or int4 (per group) quantise every Linear and the "
+                   "experts while loading (the float model never exists); default: as stored in --model "
+                   "(a `dsv2 quantize` folder loads quantised)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128, 256 (default 128)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MLP/MoE blocks")
     p.add_argument("--prefill-chunk", type=int, default=2048,
@@ -50,16 +54,17 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-config", action="store_true", help="print the engine's settings (EngineConfig) first")
 
 
-def _pick_dtype(name: str, n_params: int) -> torch.dtype:
+def _pick_dtype(name: str, n_params: int, quantised: bool = False) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
-    return torch.float32 if n_params < 1_000_000_000 else torch.bfloat16
+    # int8/int4 kernels run with bf16 activations (fp32 ones are several times slower)
+    return torch.float32 if n_params < 1_000_000_000 and not quantised else torch.bfloat16
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
-    from dsv2.config import ModelConfig
+    from dsv2.checkpoint import read_config
     from dsv2.engine import Engine, SamplingParams
     from dsv2.model import DeepseekV2
 
@@ -69,7 +74,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: no tokenizer.json in {folder}", file=sys.stderr)
         return 2
     try:
-        cfg = ModelConfig.from_json(folder)
+        cfg = read_config(folder)  # (a quantised folder's config too)
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed,
@@ -78,10 +83,16 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _pick_dtype(args.dtype, cfg.num_parameters())
+    quantised = args.weights in ("int8", "int4") or "quantization_config" in cfg.extra
+    dtype = _pick_dtype(args.dtype, cfg.num_parameters(), quantised)
     tokenizer = Tokenizer.from_file(str(tok_file))
     t0 = time.perf_counter()
-    model = DeepseekV2.from_pretrained(folder, dtype=dtype, device=device)
+    try:
+        model = DeepseekV2.from_pretrained(folder, dtype=dtype, device=device, weights=args.weights,
+                                           group_size=args.group_size)
+    except ValueError as e:  # a bad --weights / --group-size, or one that conflicts with a quantised folder
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     load_s = time.perf_counter() - t0
     budget_tokens = len(args.prompt) * (max(len(tokenizer.encode(p).ids) for p in args.prompt)
                                         + args.max_new_tokens)
@@ -99,7 +110,8 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[{cfg.num_parameters() / 1e6:.1f}M parameters, {dtype}, {device}, loaded in {load_s:.1f}s]",
+    fmt = f"{args.weights or cfg.extra.get('quantization_config', {}).get('weights', 'float')} weights, "
+    print(f"[{cfg.num_parameters() / 1e6:.1f}M parameters, {fmt}{dtype}, {device}, loaded in {load_s:.1f}s]",
           file=sys.stderr)
     t0 = time.perf_counter()
     outs: list[list[int]] = [[] for _ in prompts]
