@@ -28,6 +28,7 @@ from torch import nn
 from dsv2.atomic import atomic_folder
 from dsv2.config import MODEL_TYPE, ConfigError, ModelConfig
 from dsv2.model import DeepseekV2
+from dsv2.precision import prepare
 from dsv2.quant.swap import QUANT_MODEL_TYPE, QuantConfig, quant_config_of, resolve, swap_empty
 from dsv2.tensorfile import INDEX_FILE, SINGLE_FILE, CheckpointError, Spec, TensorFiles, write_file, write_tensors
 from dsv2.units import parse_bytes
@@ -199,7 +200,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     loading: the bf16 model never exists. weights="bf16" loads float weights in bf16. A quantised folder
     loads in its own format; asking it for another is an error. dtype: the float dtype (for a quantised
     model, its activation dtype; default the folder's torch_dtype). None keeps each stored tensor's
-    dtype for an unquantised model.
+    dtype for an unquantised model. The model comes back with `dsv2.precision.prepare` applied.
     """
     from dsv2.quant.loader import fill_model  # the per-module conversions live with the quantised modules
 
@@ -223,7 +224,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         check_keys(path, files, {k: v[0] for k, v in hub_shapes(model).items()})
     fill_model(model, files, hub_shapes(model), swapped, dtype if qc is None else act, device,
                quantise=stored is None)
-    return model.to(device) if device.type != "cpu" else model
+    model = model.to(device) if device.type != "cpu" else model
+    return prepare(model)  # the CPU precision policy (a no-op where bf16 GEMMs are native or off the CPU)
 
 
 def _folder_dtype(cfg: ModelConfig) -> torch.dtype:
