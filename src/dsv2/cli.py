@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED: dict[str, tuple[str, str]] = {
     "generate": ("dsv2.engine.cli", "generate text from a checkpoint folder with the latent-cache engine"),
     "train": ("dsv2.train.cli", "train a DeepSeek-V2 model (balance losses, attention variants, resume)"),
+    "serve": ("dsv2.serve.cli", "serve a checkpoint over the OpenAI HTTP API (needs the dsv2[serve] extra)"),
 }
 
 

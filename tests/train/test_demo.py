@@ -18,6 +18,7 @@ def test_demo_runs_and_engine_samples_match_the_plain_loop(tmp_path, capsys) -> 
                     "--no-progress", "--threads", "1"])
     printed = capsys.readouterr().out
     assert rc == 0 and "== samples (dsv2.engine" in printed
+    assert f"dsv2 serve --model {out / 'latest'}" in printed  # the demo tells how to serve what it trained
     folder = out / "latest"
     model = DeepseekV2.from_pretrained(folder, dtype=torch.float32).eval()
     tok = load_tokenizer(folder)

@@ -30,6 +30,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (per request)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the config's eos_token_id")
+    add_engine_args(p)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine and checkpoint-loading flags (shared with `dsv2 serve`)."""
     p.add_argument("--kv-cache-dtype", default="auto", choices=CACHE_DTYPES,
                    help="cache storage: auto (= model dtype), fp32, bf16, fp16, fp8, int8, int4, or mixed "
                    "(int4 latent + bf16 k_R, <= 6 bits/element)")
@@ -61,12 +66,25 @@ def _pick_dtype(name: str, n_params: int, quantised: bool = False) -> torch.dtyp
     return torch.float32 if n_params < 1_000_000_000 and not quantised else torch.bfloat16
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def load_checkpoint(folder: Path, cfg, dtype_name: str = "auto", device_name: str | None = None,
+                    weights: str | None = None, group_size: int | None = None):
+    """(model, tokenizer, dtype, device) of a checkpoint folder with a tokenizer.json. weights / group_size:
+    as `DeepseekV2.from_pretrained` (a ValueError names a bad or conflicting choice)."""
     from tokenizers import Tokenizer
 
+    from dsv2.model import DeepseekV2
+
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quantised = weights in ("int8", "int4") or "quantization_config" in cfg.extra
+    dtype = _pick_dtype(dtype_name, cfg.num_parameters(), quantised)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model = DeepseekV2.from_pretrained(folder, dtype=dtype, device=device, weights=weights, group_size=group_size)
+    return model, tokenizer, dtype, device
+
+
+def run_generate(args: argparse.Namespace) -> int:
     from dsv2.checkpoint import read_config
     from dsv2.engine import Engine, SamplingParams
-    from dsv2.model import DeepseekV2
 
     folder = Path(args.model)
     tok_file = folder / "tokenizer.json"
@@ -82,14 +100,10 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    quantised = args.weights in ("int8", "int4") or "quantization_config" in cfg.extra
-    dtype = _pick_dtype(args.dtype, cfg.num_parameters(), quantised)
-    tokenizer = Tokenizer.from_file(str(tok_file))
     t0 = time.perf_counter()
     try:
-        model = DeepseekV2.from_pretrained(folder, dtype=dtype, device=device, weights=args.weights,
-                                           group_size=args.group_size)
+        model, tokenizer, dtype, device = load_checkpoint(folder, cfg, args.dtype, args.device, args.weights,
+                                                          args.group_size)
     except ValueError as e:  # a bad --weights / --group-size, or one that conflicts with a quantised folder
         print(f"error: {e}", file=sys.stderr)
         return 2
