@@ -34,9 +34,9 @@ import torch
 
 from dsv2.config import ModelConfig
 from dsv2.engine.blocks import BlockManager
-from dsv2.engine.detok import Detokenizer
 from dsv2.engine.cache import CacheError, PagedCache
 from dsv2.engine.config import EngineConfig
+from dsv2.engine.detok import Detokenizer
 from dsv2.engine.sampling import SamplingParams, TokenLogprob, make_generator
 
 
