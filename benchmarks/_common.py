@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dsv2.units import DTYPES as DTYPES  # the project's one dtype-name map, re-exported to the scripts
 
 
 def machine() -> str:

@@ -3,36 +3,41 @@
 The hub key names live here and nowhere else. In memory dsv2 stacks the routed experts
 (`mlp.experts.gate_proj` of shape (E, I, D)); on disk every expert has its own keys
 (`model.layers.L.mlp.experts.N.gate_proj.weight`), which transformers, vLLM and SGLang read.
+
+Both directions stream, one tensor at a time (`dsv2.tensorfile`): saving never gathers the model's
+tensors into a second copy, and loading maps each stored tensor, converts it into its place (the
+stacked expert tensor of its layer, a dtype cast, or an int8/int4 quantisation) and releases it.
+A quantised folder (config.json with a `quantization_config`, written by `dsv2 quantize`) keeps its
+int8/int4 tensors in dsv2's own layout and is loaded by mapping them, without conversion.
+
+`dsv2.model` never imports this module: `install()` attaches `from_pretrained` / `save_pretrained`
+to `DeepseekV2` when the `dsv2` package is imported (see `DeepseekV2._checkpoint_io`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from torch import nn
 
-from dsv2.config import ModelConfig
+from dsv2.atomic import atomic_folder
+from dsv2.config import MODEL_TYPE, ConfigError, ModelConfig
 from dsv2.model import DeepseekV2
+from dsv2.precision import prepare
+from dsv2.quant.swap import QUANT_MODEL_TYPE, QuantConfig, quant_config_of, resolve, swap_empty
+from dsv2.tensorfile import INDEX_FILE, SINGLE_FILE, CheckpointError, Spec, TensorFiles, write_file, write_tensors
 from dsv2.units import parse_bytes
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # keys some writers add that carry no weights (rotary tables are derived from the config)
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
-_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that does not match its config (missing/unexpected/mis-shaped/corrupt)."""
+_STACKED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "write_random_checkpoint", "install",
+           "hub_specs", "INDEX_FILE", "SINGLE_FILE"]
 
 
 def parse_size(size: int | str) -> int:
@@ -41,104 +46,98 @@ def parse_size(size: int | str) -> int:
 
 
 # ---- names ------------------------------------------------------------------------------------
-def to_hub_state_dict(model: DeepseekV2, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hub key, tensor) pairs; stacked experts are split into per-expert keys."""
-    for name, t in model.state_dict().items():
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        t = t if dtype is None else t.to(dtype)
-        m = _STACKED.match(name)
-        if m:
-            layer, proj = m.groups()
-            for e in range(t.shape[0]):
-                yield f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight", t[e]
-        else:
-            yield (name if name.startswith("lm_head.") else f"model.{name}"), t
+def hub_key(name: str) -> str:
+    """State-dict name -> hub key (`model.` prefix, except lm_head)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def _expected_shapes(model: DeepseekV2) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for name, p in model.state_dict().items():
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
-            continue
+def expert_keys(prefix: str, proj: str, n: int) -> list[str]:
+    """Hub keys of the n per-expert tensors of a stacked `prefix.proj` parameter."""
+    return [hub_key(f"{prefix}.{e}.{proj}.weight") for e in range(n)]
+
+
+def _entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict(keep_vars=True)
+    if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # a quantised head is saved
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def hub_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """hub key -> (shape, state name, expert index or -1) of everything a checkpoint of `model` holds."""
+    out = {}
+    for name, t in _entries(model).items():
         m = _STACKED.match(name)
         if m:
-            for e in range(p.shape[0]):
-                shapes[f"model.layers.{m.group(1)}.mlp.experts.{e}.{m.group(2)}.weight"] = tuple(p.shape[1:])
+            for e, k in enumerate(expert_keys(m.group(1), m.group(2), t.shape[0])):
+                out[k] = (tuple(t.shape[1:]), name, e)
         else:
-            shapes[name if name.startswith("lm_head.") else f"model.{name}"] = tuple(p.shape)
-    return shapes
+            out[hub_key(name)] = (tuple(t.shape), name, -1)
+    return out
+
+
+def hub_specs(model: nn.Module, dtype: torch.dtype | None = None
+              ) -> tuple[list[Spec], Callable[[Spec], torch.Tensor]]:
+    """What `save_pretrained` writes: the specs and a producer that slices/casts one tensor per call."""
+    sd, shapes = _entries(model), hub_shapes(model)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    specs = [Spec(k, shape, cast(torch.empty(0, dtype=sd[name].dtype)).dtype) for k, (shape, name, _) in shapes.items()]
+
+    def produce(spec: Spec) -> torch.Tensor:
+        _, name, e = shapes[spec.name]
+        t = sd[name].detach()
+        return cast(t if e < 0 else t[e])
+
+    return specs, produce
 
 
 # ---- save -------------------------------------------------------------------------------------
-def save_pretrained(model: DeepseekV2, path: str | Path, max_shard_size: int | str = "4GB",
-                    dtype: torch.dtype | None = None) -> None:
-    """Write config.json + safetensors (sharded above max_shard_size) atomically.
+def _checkpoint_file(name: str) -> bool:
+    return name == "config.json" or name == INDEX_FILE or name.endswith(".safetensors")
 
-    Everything is written to a temporary folder beside `path`, which then replaces `path` in one
-    rename; a failure at any point leaves a previous checkpoint at `path` untouched.
+
+def write_config(folder: Path, cfg: ModelConfig, torch_dtype: torch.dtype, qc: QuantConfig | None) -> None:
+    d = cfg.to_dict()
+    d["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
+    d.pop("quantization_config", None)
+    if qc is not None:
+        d["quantization_config"] = qc.to_dict()
+        d["model_type"] = QUANT_MODEL_TYPE
+    (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def write_checkpoint(path: str | Path, cfg: ModelConfig, specs: list[Spec], produce: Callable[[Spec], torch.Tensor],
+                     max_shard_size: int | str, float_dtype: torch.dtype, qc: QuantConfig | None = None) -> None:
+    """The one way a checkpoint folder is written: atomically, tensor by tensor, then config.json.
+
+    Files in an existing `path` that are not checkpoint files (e.g. tokenizer.json) are kept; a
+    failure at any point leaves the previous checkpoint at `path` untouched.
     """
-    path = Path(path)
     limit = parse_size(max_shard_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published checkpoint private
-    try:
-        tensors = [(k, t.detach().contiguous().cpu()) for k, t in to_hub_state_dict(model, dtype)]
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k, t in tensors:
-            n = t.numel() * t.element_size()
-            if shards[-1] and size + n > limit:
-                shards.append({})
-                size = 0
-            shards[-1][k] = t
-            size += n
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], tmp / SINGLE_FILE, metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata=meta)
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for _, t in tensors)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        cfg = model.config.to_dict()
-        cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_folder(path, carry_over=lambda name: not _checkpoint_file(name)) as tmp:
+        for stale in tmp.iterdir():  # writing in place inside an outer atomic folder: start clean
+            if _checkpoint_file(stale.name):
+                stale.unlink()
+        write_tensors(tmp, specs, produce, limit, write=write_file)
+        write_config(tmp, cfg, float_dtype, qc)
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move `new` to `dest`, keeping files in `dest` that are not checkpoint files (e.g. tokenizer.json)."""
-    for f in new.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if dest.exists():
-        for f in dest.iterdir():  # carry over what the save does not own
-            if not (f.name == "config.json" or f.name == INDEX_FILE or f.suffix == ".safetensors"):
-                if not (new / f.name).exists():
-                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        try:
-            os.replace(new, dest)
-        except BaseException:
-            os.replace(old, dest)  # put the previous checkpoint back before reporting the failure
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dest)
+def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "4GB",
+                    dtype: torch.dtype | None = None) -> None:
+    """Write config.json + safetensors (sharded above max_shard_size) atomically, one tensor at a time.
+
+    A quantised model (`dsv2.quant`) is written in its int8/int4 form with a `quantization_config`.
+    """
+    specs, produce = hub_specs(model, dtype)
+    write_checkpoint(path, model.config, specs, produce, max_shard_size, dtype or model.embed_tokens.weight.dtype,
+                     quant_config_of(model))
 
 
 # ---- load -------------------------------------------------------------------------------------
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.exists():
         try:
@@ -158,35 +157,32 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_hub_tensors(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, memory-mapped where the device is the CPU."""
-    out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(Path(path)):
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder (or config.json), quantised folders included."""
+    try:
+        return ModelConfig.from_json(path)
+    except ConfigError as e:  # a quantised folder's own model_type (QUANT_MODEL_TYPE)?
+        file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
         try:
-            with safe_open(f, framework="pt", device=str(device)) as st:
-                for k in st.keys():
-                    out[k] = st.get_tensor(k)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read {f}: the file is truncated or corrupt ({e})") from e
-    return out
+            data = json.loads(file.read_text())
+        except ValueError:
+            raise e from None
+        if data.get("model_type") != QUANT_MODEL_TYPE:
+            raise
+        return ModelConfig.from_dict({**data, "model_type": MODEL_TYPE})
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> DeepseekV2:
-    """Build the model on the meta device and assign the checkpoint's tensors (no second copy)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    cfg = ModelConfig.from_json(path / "config.json")
-    device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = DeepseekV2(cfg, device="meta")
-    tensors = {k: v for k, v in read_hub_tensors(path, device).items() if not IGNORED_KEYS.match(k)}
-    expected = _expected_shapes(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)}, config expects {expected[k]}"
-                   for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k])
+def stored_quant_config(cfg: ModelConfig, path: Path) -> QuantConfig | None:
+    d = cfg.extra.get("quantization_config")
+    return None if d is None else QuantConfig.from_dict(d, where=f"{path / 'config.json'} quantization_config")
+
+
+def check_keys(path: Path, files: TensorFiles, expected: dict[str, tuple[int, ...]]) -> None:
+    have = {k: files.shape(k) for k in files.keys() if not IGNORED_KEYS.match(k)}
+    missing = sorted(set(expected) - set(have))
+    unexpected = sorted(set(have) - set(expected))
+    wrong = sorted(f"{k}: checkpoint {have[k]}, config expects {expected[k]}"
+                   for k in set(expected) & set(have) if have[k] != expected[k])
     if missing or unexpected or wrong:
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
@@ -195,28 +191,84 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                 parts.append(f"{len(items)} {title} tensor(s): " + "; ".join(shown))
         raise CheckpointError(f"checkpoint {path} does not match its config.json: " + " | ".join(parts))
 
-    def cast(t: torch.Tensor) -> torch.Tensor:  # dtype=None keeps each tensor's stored dtype
-        return t if dtype is None else t.to(dtype)
 
-    # Consume the checkpoint tensor by tensor so at most one layer's experts exist twice (while stacked).
-    state: dict[str, torch.Tensor] = {}
-    pending: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    n_experts = cfg.n_routed_experts or 0
-    for k in list(tensors):
-        t = tensors.pop(k)
-        m = _EXPERT_KEY.match(k)
-        if not m:
-            state[k.removeprefix("model.")] = cast(t)
-            continue
-        group = pending.setdefault((m.group(1), m.group(3)), {})
-        group[int(m.group(2))] = t
-        if len(group) == n_experts:
-            state[f"layers.{m.group(1)}.mlp.experts.{m.group(3)}"] = torch.stack(
-                [cast(group.pop(e)) for e in range(n_experts)])
-            del pending[(m.group(1), m.group(3))]
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.to(device)
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    weights: str | None = None, group_size: int | None = None) -> DeepseekV2:
+    """Build the model on the meta device and fill it from the checkpoint, one stored tensor at a time.
+
+    weights="int8" | "int4" quantises every Linear (but the router and kv_b_proj) and the experts while
+    loading: the bf16 model never exists. weights="bf16" loads float weights in bf16. A quantised folder
+    loads in its own format; asking it for another is an error. dtype: the float dtype (for a quantised
+    model, its activation dtype; default the folder's torch_dtype). None keeps each stored tensor's
+    dtype for an unquantised model. The model comes back with `dsv2.precision.prepare` applied.
+    """
+    from dsv2.quant.loader import fill_model  # the per-module conversions live with the quantised modules
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    cfg = read_config(path)
+    stored = stored_quant_config(cfg, path)
+    qc = resolve(weights, group_size, stored, where=str(path))
+    if weights == "bf16" and dtype is None:
+        dtype = torch.bfloat16
+    files = TensorFiles(weight_files(path))
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = DeepseekV2(cfg, device="meta")
+    if qc is not None and stored is None:  # quantise from the float tensors
+        check_keys(path, files, {k: v[0] for k, v in hub_shapes(model).items()})
+    act = dtype or _folder_dtype(cfg)
+    swapped = swap_empty(model, qc, act) if qc is not None else []
+    if qc is None or stored is not None:
+        check_keys(path, files, {k: v[0] for k, v in hub_shapes(model).items()})
+    fill_model(model, files, hub_shapes(model), swapped, dtype if qc is None else act, device,
+               quantise=stored is None)
+    model = model.to(device) if device.type != "cpu" else model
+    return prepare(model)  # the CPU precision policy (a no-op where bf16 GEMMs are native or off the CPU)
+
+
+def _folder_dtype(cfg: ModelConfig) -> torch.dtype:
+    name = cfg.extra.get("torch_dtype")
+    dt = getattr(torch, name, None) if isinstance(name, str) else None
+    return dt if dt in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+# ---- DeepseekV2.from_pretrained / save_pretrained ----------------------------------------------
+class HubIO:
+    """What `DeepseekV2._checkpoint_io` points at: this module's load and save."""
+
+    load = staticmethod(load_pretrained)
+    save = staticmethod(save_pretrained)
+
+
+def install() -> None:
+    """Give `DeepseekV2.from_pretrained` / `.save_pretrained` their implementation (dsv2/__init__ calls it)."""
+    DeepseekV2._checkpoint_io = HubIO
+
+
+# ---- random checkpoints (`dsv2 init`) ----------------------------------------------------------
+def _random_tensor(spec: Spec, std: float, seed: int) -> torch.Tensor:
+    """What `DeepseekV2.reset_parameters` would give this tensor: ones for norms, zeros for biases,
+    else N(0, std); seeded per key, so the result does not depend on the order of writing."""
+    if spec.name.endswith("norm.weight"):
+        return torch.ones(spec.shape, dtype=spec.dtype)
+    if spec.name.endswith(".bias"):
+        return torch.zeros(spec.shape, dtype=spec.dtype)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**63)
+    return torch.empty(spec.shape, dtype=spec.dtype).normal_(0.0, std, generator=gen)
+
+
+def write_random_checkpoint(cfg: ModelConfig, path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                            seed: int = 0, max_shard_size: int | str = "4GB") -> int:
+    """A random checkpoint of `cfg`'s real shape in the hub layout, written tensor by tensor (atomically).
+
+    The model is never built: shapes come from a meta-device model, each tensor is drawn when its turn
+    to be written comes and freed after, so memory stays at about one tensor (the embedding of
+    V2-Lite: 0.4 GB in bf16). Returns the bytes of weights written.
+    """
+    with torch.device("meta"):
+        model = DeepseekV2(cfg, device="meta", dtype=dtype)
+    specs, _ = hub_specs(model)
+    write_checkpoint(path, cfg, specs, lambda s: _random_tensor(s, cfg.initializer_range, seed), max_shard_size, dtype)
+    return sum(s.nbytes for s in specs)

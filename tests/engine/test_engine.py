@@ -325,3 +325,33 @@ def test_abort_frees_blocks_at_every_stage(mla_model, mla_refs, stage: str) -> N
         eng.step()
     assert other.output == mla_refs[0]
     assert all_blocks_free(eng)
+
+
+class _Letters:
+    """A stand-in tokenizer: token t is the two letters of t in base 26 (so stop strings can straddle tokens)."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(97 + t // 26 % 26) + chr(97 + t % 26) for t in ids)
+
+
+def test_stop_strings_across_token_boundaries(mla_model, mla_refs) -> None:
+    """SamplingParams(stop=...) with a tokenizer: generation ends at the token that completes the stop
+    string (which straddles two tokens), the text stops right before it, finish_reason is "stop"."""
+    ref = mla_refs[0]  # 8 greedy tokens
+    full = _Letters().decode(ref)
+    stop = full[7:10]  # from the middle of token 3 into token 4 (tokens are 2 letters)
+    end = full.index(stop) + len(stop)  # where the stop string first completes
+    eng = Engine(mla_model, max_tokens=256, tokenizer=_Letters())
+    req = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=8, stop=[stop, "zzzzzz"]))
+    while eng.has_unfinished():
+        eng.step()
+    assert req.finish_reason == "stop" and req.output == ref[: (end + 1) // 2]
+    assert req.text == full[: full.index(stop)]
+    plain = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=8))  # no stop: the whole text
+    while eng.has_unfinished():
+        eng.step()
+    assert plain.text == full and plain.finish_reason == "length"
+    with pytest.raises(RequestError, match="tokenizer"):
+        Engine(mla_model, max_tokens=64).add_request([1, 2], SamplingParams(stop=["x"]))
+    with pytest.raises(SamplingError, match="stop"):
+        SamplingParams(stop=[""])

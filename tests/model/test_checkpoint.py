@@ -4,6 +4,7 @@ tied embeddings, and atomic saves (a save that fails midway leaves the previous 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import dsv2.checkpoint as ckpt
-from dsv2 import DeepseekV2, ModelConfig
+from dsv2 import DeepseekV2, ModelConfig, atomic
 
 from ._reference import randomize_, rel_err
 
@@ -159,14 +160,14 @@ def test_save_keeps_foreign_files(tmp_path) -> None:
 
 @pytest.mark.parametrize("fail_at", [0, 2])
 def test_failed_save_leaves_previous_checkpoint_unchanged(tmp_path, monkeypatch, fail_at: int) -> None:
-    """save_file raising on its (fail_at+1)-th call (after some shards are written) must not touch
+    """the shard writer raising on its (fail_at+1)-th call (after some shards are written) must not touch
     the checkpoint already at the path, nor leave temporary folders beside it."""
     folder = tmp_path / "ckpt"
     old = _model(seed=43)
     old.save_pretrained(folder, max_shard_size="40KB")
     (folder / "tokenizer.json").write_text("{}")
     before = _snapshot(folder)
-    real = ckpt.save_file
+    real = ckpt.write_file
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -175,7 +176,7 @@ def test_failed_save_leaves_previous_checkpoint_unchanged(tmp_path, monkeypatch,
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_file", flaky)
+    monkeypatch.setattr(ckpt, "write_file", flaky)
     with pytest.raises(OSError, match="simulated"):
         _model(seed=44).save_pretrained(folder, max_shard_size="40KB")
     monkeypatch.undo()
@@ -204,7 +205,7 @@ def test_failed_final_swap_leaves_previous_checkpoint_in_place(tmp_path, monkeyp
     folder = tmp_path / "ckpt"
     _model().save_pretrained(folder)
     before = _snapshot(folder)
-    real = ckpt.os.replace
+    real = atomic.os.replace
     calls = {"n": 0}
 
     def flaky(src, dst):
@@ -213,7 +214,7 @@ def test_failed_final_swap_leaves_previous_checkpoint_in_place(tmp_path, monkeyp
             raise OSError("rename failed (simulated)")
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", flaky)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
     with pytest.raises(OSError, match="simulated"):
         _model(seed=46).save_pretrained(folder)
     monkeypatch.undo()
@@ -227,3 +228,32 @@ def test_parse_size() -> None:
     assert ckpt.parse_size(1234) == 1234
     with pytest.raises(ValueError, match="lots"):
         ckpt.parse_size("lots")
+
+
+def test_one_atomic_writer_for_model_and_training_checkpoints(tmp_path) -> None:
+    """A model saved inside a training checkpoint is written in place (no second, nested temp folder),
+    both land with the umask's permissions, and clean_stale_temps removes either writer's leftovers."""
+    from dsv2.train import ckpt as train_ckpt
+
+    seen: list[list[str]] = []
+
+    def write(folder: Path) -> None:
+        _model().save_pretrained(folder)
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        (folder / train_ckpt.STATE_FILE).write_text("state")
+
+    final = train_ckpt.save_checkpoint(tmp_path, 7, write)
+    assert len(seen[0]) == 1 and seen[0][0].startswith(atomic.TEMP_PREFIX + "step-000007")
+    assert (final / "model.safetensors").exists() and (final / "config.json").exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (final, final / "model.safetensors", final / train_ckpt.STATE_FILE):
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
+    _model().save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "plain" / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    # leftovers of a crash in either writer (temp folder being filled, old folder being swapped out)
+    for name in (".tmp-step-000008-1-abc", ".tmp-plain-2-def", ".old-plain-3-123"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    train_ckpt.clean_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "plain", "step-000007"]

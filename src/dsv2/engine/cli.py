@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from dsv2.engine.quant import CACHE_DTYPES
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dsv2.units import DTYPES
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +42,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory", default=None, help="cache budget, e.g. 4GiB (default: enough for the batch)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="weight dtype; auto = fp32 below 1B parameters, else bf16")
+    p.add_argument("--weights", default=None, choices=("bf16", "int8", "int4"),
+                   help="weight format: int8 (per channel) or int4 (per group) quantise every Linear and the "
+                   "experts while loading (the float model never exists); default: as stored in --model "
+                   "(a `dsv2 quantize` folder loads quantised)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128, 256 (default 128)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MLP/MoE blocks")
     p.add_argument("--prefill-chunk", type=int, default=2048,
@@ -55,26 +59,31 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-config", action="store_true", help="print the engine's settings (EngineConfig) first")
 
 
-def _pick_dtype(name: str, n_params: int) -> torch.dtype:
+def _pick_dtype(name: str, n_params: int, quantised: bool = False) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
-    return torch.float32 if n_params < 1_000_000_000 else torch.bfloat16
+    # int8/int4 kernels run with bf16 activations (fp32 ones are several times slower)
+    return torch.float32 if n_params < 1_000_000_000 and not quantised else torch.bfloat16
 
 
-def load_checkpoint(folder: Path, cfg, dtype_name: str = "auto", device_name: str | None = None):
-    """(model, tokenizer, dtype, device) of a checkpoint folder with a tokenizer.json."""
+def load_checkpoint(folder: Path, cfg, dtype_name: str = "auto", device_name: str | None = None,
+                    weights: str | None = None, group_size: int | None = None):
+    """(model, tokenizer, dtype, device) of a checkpoint folder with a tokenizer.json. weights / group_size:
+    as `DeepseekV2.from_pretrained` (a ValueError names a bad or conflicting choice)."""
     from tokenizers import Tokenizer
 
     from dsv2.model import DeepseekV2
 
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _pick_dtype(dtype_name, cfg.num_parameters())
+    quantised = weights in ("int8", "int4") or "quantization_config" in cfg.extra
+    dtype = _pick_dtype(dtype_name, cfg.num_parameters(), quantised)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return DeepseekV2.from_pretrained(folder, dtype=dtype, device=device), tokenizer, dtype, device
+    model = DeepseekV2.from_pretrained(folder, dtype=dtype, device=device, weights=weights, group_size=group_size)
+    return model, tokenizer, dtype, device
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from dsv2.config import ModelConfig
+    from dsv2.checkpoint import read_config
     from dsv2.engine import Engine, SamplingParams
 
     folder = Path(args.model)
@@ -83,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: no tokenizer.json in {folder}", file=sys.stderr)
         return 2
     try:
-        cfg = ModelConfig.from_json(folder)
+        cfg = read_config(folder)  # (a quantised folder's config too)
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed,
@@ -92,7 +101,12 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model, tokenizer, dtype, device = load_checkpoint(folder, cfg, args.dtype, args.device)
+    try:
+        model, tokenizer, dtype, device = load_checkpoint(folder, cfg, args.dtype, args.device, args.weights,
+                                                          args.group_size)
+    except ValueError as e:  # a bad --weights / --group-size, or one that conflicts with a quantised folder
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     load_s = time.perf_counter() - t0
     budget_tokens = len(args.prompt) * (max(len(tokenizer.encode(p).ids) for p in args.prompt)
                                         + args.max_new_tokens)
@@ -110,7 +124,8 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[{cfg.num_parameters() / 1e6:.1f}M parameters, {dtype}, {device}, loaded in {load_s:.1f}s]",
+    fmt = f"{args.weights or cfg.extra.get('quantization_config', {}).get('weights', 'float')} weights, "
+    print(f"[{cfg.num_parameters() / 1e6:.1f}M parameters, {fmt}{dtype}, {device}, loaded in {load_s:.1f}s]",
           file=sys.stderr)
     t0 = time.perf_counter()
     outs: list[list[int]] = [[] for _ in prompts]

@@ -21,9 +21,10 @@ import torch
 
 from dsv2.engine.cache import PagedCache
 from dsv2.engine.config import EngineConfig
+from dsv2.engine.detok import Detokenizer
 from dsv2.engine.runner import ModelRunner, SeqWork
 from dsv2.engine.sampling import SamplingParams, is_finished, sample_token, token_logprobs
-from dsv2.engine.scheduler import Request, Scheduler
+from dsv2.engine.scheduler import Request, RequestError, Scheduler
 from dsv2.model import DeepseekV2
 from dsv2.precision import prepare
 
@@ -69,12 +70,15 @@ class EngineStats:
 class Engine:
     """Generation with a paged latent cache (MLA) or per-head K/V cache (MHA/GQA/MQA baselines).
 
-    `Engine(model, config)` or `Engine(model, **fields of EngineConfig)`. The engine takes the model as
+    `Engine(model, config)` or `Engine(model, **fields of EngineConfig)`; `tokenizer` (anything with
+    `decode(ids) -> str`, e.g. a `tokenizers.Tokenizer`) gives requests their text (`Request.text`,
+    decoded incrementally) and makes `SamplingParams.stop` strings work. The engine takes the model as
     it is given and changes it in place: eval mode, and on a CPU without native bf16 GEMMs the
     precision pass of `dsv2.precision.prepare` (same parameters, same results, faster matmuls).
     """
 
-    def __init__(self, model: DeepseekV2, config: EngineConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: DeepseekV2, config: EngineConfig | None = None, tokenizer: Any = None,
+                 **kwargs: Any) -> None:
         if config is not None and kwargs:
             raise TypeError(f"give either config or EngineConfig fields, not both (got {sorted(kwargs)})")
         config = config if config is not None else EngineConfig(**kwargs)
@@ -95,6 +99,7 @@ class Engine:
         self.runner = ModelRunner(model, self.cache, config)
         self.scheduler = Scheduler(cfg, self.cache, config, w.device)
         self.stats = EngineStats()
+        self.tokenizer = tokenizer
         if config.compile:
             # the dense MLPs / MoE and norms see fixed shapes per batch size; attention stays eager
             for layer in model.layers:
@@ -103,7 +108,13 @@ class Engine:
     # ---- request API -------------------------------------------------------------------------
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Request:
         """Queue one request (checked now: a request that can never run raises here, nothing queued)."""
-        return self.scheduler.add(list(prompt), params or SamplingParams())
+        params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise RequestError("SamplingParams.stop needs text: create the engine with Engine(..., tokenizer=...)")
+        req = self.scheduler.add(list(prompt), params)
+        if self.tokenizer is not None:
+            req.detok = Detokenizer(self.tokenizer, params.stop)
+        return req
 
     def abort(self, rid: int) -> bool:
         """Stop request `rid` wherever it is (queued, prefilling, decoding): its blocks are freed now and it
@@ -207,6 +218,12 @@ class Engine:
         if req.params.logprobs is not None:
             req.logprobs.extend(token_logprobs(logits, [tok], [req.params.logprobs]))
         reason = is_finished(req.output, req.params)
+        if req.detok is not None:
+            req.text += req.detok.add(tok)
+            if req.detok.stopped:  # a stop string completed: its text is not part of the output
+                reason = "stop"
+            elif reason is not None:
+                req.text += req.detok.flush()
         if reason is not None:
             self.scheduler.retire(req, reason)
         return req, tok

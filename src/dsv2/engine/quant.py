@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv2.units import DTYPES
+
 KINDS = ("fp32", "bf16", "fp16", "fp8", "int8", "int4")
 CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8", "int8", "int4", "mixed")
-_FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FLOAT = DTYPES
 _QMAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0}
 _SCALE_DTYPE = {"fp8": torch.float32, "int8": torch.float16, "int4": torch.float16}
 DEFAULT_GROUP = {"fp8": 128, "int8": 64, "int4": 32}

@@ -31,10 +31,13 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     logprobs: int | None = None  # None = off; k >= 0: the sampled token's log-probability and the k most likely
+    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (need Engine(tokenizer=)); never emitted
 
     def __post_init__(self) -> None:
         # frozen dataclass: normalise the stop ids to a tuple without going through __setattr__
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
         self.validate()
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -54,6 +57,7 @@ class SamplingParams:
              "must be None or an integer >= 0")
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative integers")
+        need(all(isinstance(t, str) and t for t in self.stop), "stop", "must be non-empty strings")
         need(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                        and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")

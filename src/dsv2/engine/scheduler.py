@@ -36,6 +36,7 @@ from dsv2.config import ModelConfig
 from dsv2.engine.blocks import BlockManager
 from dsv2.engine.cache import CacheError, PagedCache
 from dsv2.engine.config import EngineConfig
+from dsv2.engine.detok import Detokenizer
 from dsv2.engine.sampling import SamplingParams, TokenLogprob, make_generator
 
 
@@ -59,6 +60,8 @@ class Request:
     first_token_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (the first) admission
     num_preemptions: int = 0
+    detok: Detokenizer | None = None  # when the engine has a tokenizer: the output's text, stop strings
+    text: str = ""  # the output's visible text so far (with a tokenizer; a stop string is never included)
 
     @property
     def budget(self) -> int:

@@ -168,15 +168,25 @@ class DeepseekV2(nn.Module):
         return out
 
     # ---- checkpoints (hub layout) ------------------------------------------------------------
+    # Checkpoint I/O lives in dsv2.checkpoint, which imports this module; this module never imports it.
+    # Importing the dsv2 package runs dsv2.checkpoint.install(), which sets `_checkpoint_io` to an object
+    # with load(path, ...) and save(model, path, ...). (Importing dsv2.model imports the dsv2 package
+    # first, so the two methods work however DeepseekV2 was imported.)
+    _checkpoint_io: Any = None  # (class attribute)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> DeepseekV2:
-        from dsv2.checkpoint import load_pretrained  # checkpoint I/O sits beside model/, not inside
-
-        return load_pretrained(path, dtype=dtype, device=device)
+                        device: torch.device | str | None = None, weights: str | None = None,
+                        group_size: int | None = None) -> DeepseekV2:
+        """Load a hub-layout folder. weights="int8" | "int4" quantises while streaming the tensors
+        (group_size for int4, default 128); a quantised folder (`dsv2 quantize`) loads as stored."""
+        if cls._checkpoint_io is None:
+            raise RuntimeError("checkpoint I/O is not installed: import dsv2 (dsv2.checkpoint.install())")
+        return cls._checkpoint_io.load(path, dtype=dtype, device=device, weights=weights, group_size=group_size)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "4GB",
                         dtype: torch.dtype | None = None) -> None:
-        from dsv2.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+        """Write config.json + safetensors in the hub layout (atomically; quantised models as quantised)."""
+        if self._checkpoint_io is None:
+            raise RuntimeError("checkpoint I/O is not installed: import dsv2 (dsv2.checkpoint.install())")
+        self._checkpoint_io.save(self, path, max_shard_size=max_shard_size, dtype=dtype)

@@ -59,7 +59,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
 def build_state(args: argparse.Namespace):
     """Load the checkpoint and build the engine, its loop and the app state (nothing runs yet)."""
-    from dsv2.config import ModelConfig
+    from dsv2.checkpoint import read_config
     from dsv2.engine import Engine
     from dsv2.serve.app import ServerState
     from dsv2.serve.chat import ChatTemplate
@@ -72,9 +72,10 @@ def build_state(args: argparse.Namespace):
     for name in ("max_queue", "max_batch", "default_max_tokens"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}")
-    cfg = ModelConfig.from_json(folder)
+    cfg = read_config(folder)  # a quantised folder's config too
     template = ChatTemplate.from_folder(folder)
-    model, tokenizer, _, _ = load_checkpoint(folder, cfg, args.dtype, args.device)
+    model, tokenizer, _, _ = load_checkpoint(folder, cfg, args.dtype, args.device, args.weights,
+                                              args.group_size)
     engine = Engine(model, **_engine_kwargs(args))
     if args.show_config:
         print(f"engine:\n{engine.config.describe()}", file=sys.stderr)

@@ -8,9 +8,10 @@ Layout of an output folder:
     OUT/latest         symlink to the newest complete step-* folder
     OUT/loss_curve.png, OUT/metrics.jsonl, OUT/summary.json
 
-A checkpoint is written into a hidden temp folder, every file fsync'ed, then renamed into place
-(rename is atomic on POSIX) and only then is `latest` re-pointed (an atomic symlink replace). A
-crash at any moment leaves the previous checkpoint and `latest` intact.
+A checkpoint is written by `dsv2.atomic.atomic_folder` (a hidden temp folder, every file fsync'ed,
+renamed into place; the model weights inside it are written in place, not in a second temp folder)
+and only then is `latest` re-pointed (an atomic symlink replace). A crash at any moment leaves the
+previous checkpoint and `latest` intact.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 
 import torch
 
+from dsv2.atomic import atomic_folder, fsync_dir
+from dsv2.atomic import clean_stale_temps as clean_stale_temps  # one temp-folder policy for every writer
+
 STATE_FILE = "trainer_state.pt"
 ARGS_FILE = "train_args.json"
 LATEST = "latest"
@@ -31,31 +35,6 @@ LATEST = "latest"
 
 class ResumeError(ValueError):
     """A --resume folder that is missing, incomplete or from another configuration."""
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publishable(folder: Path) -> None:
-    # temp files/folders are created 0600/0700; a finished checkpoint should read like any output
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-    os.chmod(folder, 0o777 & ~mask)
 
 
 def step_dir_name(step: int) -> str:
@@ -69,27 +48,14 @@ def save_checkpoint(out: Path, step: int, write_files: Callable[[Path], None], k
     """
     out = Path(out)
     final = out / step_dir_name(step)
-    tmp = out / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_files(tmp)
-    _publishable(tmp)
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-        old = out / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(out)
+    with atomic_folder(final) as tmp:  # re-saving a step (e.g. after a resume) replaces it the same way
+        write_files(tmp)
     link_tmp = out / f".{LATEST}-{os.getpid()}"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
     os.symlink(final.name, link_tmp)
     os.replace(link_tmp, out / LATEST)
-    _fsync_dir(out)
+    fsync_dir(out)
     if keep > 0:
         for old in list_checkpoints(out)[:-keep]:
             if old != final:
@@ -104,14 +70,6 @@ def list_checkpoints(out: Path) -> list[Path]:
         return []
     dirs = [p for p in out.glob("step-*") if p.is_dir() and (p / STATE_FILE).exists()]
     return sorted(dirs, key=lambda p: p.name)
-
-
-def clean_stale_temps(out: Path) -> None:
-    """Remove half-written temp folders a crashed run left behind."""
-    for p in Path(out).glob(".tmp-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in Path(out).glob(".old-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def find_resume_dir(path: str | Path) -> Path:

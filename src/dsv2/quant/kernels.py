@@ -1,0 +1,166 @@
+"""Weight-only int8 / int4 formats and the PyTorch kernels that multiply by them.
+
+Shapes: M activation rows, N output features, K input features, g group size (int4).
+
+int8: symmetric per output channel. scale_n = max|w_n| / 127, q = round(w / scale) in [-127, 127];
+  w ≈ q · scale. Kernel: `aten._weight_int8pack_mm(x (M,K), q (N,K) int8, scale (N,))`, all in the
+  activation dtype (CPU and CUDA).
+int4: asymmetric per group of g input features. scale = (max - min) / 15, q = round((w - min) / scale)
+  in [0, 15], stored as scales_and_zeros (K/g, N, 2) = [scale, zero] with zero = min + 8·scale, so that
+  w ≈ (q - 8) · scale + zero (the convention of `aten._weight_int4pack_mm_for_cpu`, checked against a
+  float64 reference in tests/quant). q is packed by `aten._convert_weight_to_int4pack_for_cpu` to
+  (N, K/2) uint8; the CPU kernel wants N % 16 == 0 and g in {32, 64, 128, 256}: `Int4Weight` pads
+  N with zero rows and K (when g does not divide it, e.g. V2-Lite's dense 10944) by repeating the
+  last column, and pads x with zeros, so padding never changes a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GROUP_SIZES = (32, 64, 128, 256)
+_ROWS = 4096  # rows quantised at a time: bounds the fp32 temporaries for a (102400, 2048) lm_head
+# above this many activation rows, dequantising an int8 weight and running the dense GEMM is faster
+# than the int8 kernel (which costs ~one weight pass per ~8 rows on CPU)
+INT8_DEQUANT_ROWS = 128
+INT4_DEQUANT_ROWS = 192  # for int4 (unpacking costs more than an int8 cast)
+
+
+class QuantError(ValueError):
+    """A weight format request that cannot be honoured (unknown format, bad group size, shape)."""
+
+
+def check_group_size(group_size: int) -> int:
+    if group_size not in GROUP_SIZES:
+        raise QuantError(f"group_size must be one of {GROUP_SIZES} (the CPU int4 kernel's), got {group_size!r}")
+    return group_size
+
+
+# ---- int8 -------------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,K) float -> q (N,K) int8, scale (N,) fp32, row chunk by row chunk."""
+    if w.dim() != 2:
+        raise QuantError(f"quantize_int8 expects a (out_features, in_features) weight, got shape {tuple(w.shape)}")
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], _ROWS):
+        rows = w[i:i + _ROWS].float()
+        s = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (n,)
+        q[i:i + _ROWS] = torch.round(rows / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[i:i + _ROWS] = s
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.to(dtype) * scale.to(dtype)[:, None]).to(dtype)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M,K) @ dequant(q)ᵀ -> (M,N) in x.dtype; scale must be in x.dtype."""
+    if x.shape[0] > INT8_DEQUANT_ROWS:
+        return F.linear(x, dequantize_int8(q, scale, x.dtype))
+    return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+
+
+# ---- int4 -------------------------------------------------------------------------------------
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N,K) float -> q (N,K) uint8 in [0,15], scale (N,K/g) fp32, zero (N,K/g) fp32: w ≈ (q-8)·scale + zero."""
+    check_group_size(group_size)
+    if w.dim() != 2 or w.shape[1] % group_size:
+        raise QuantError(f"int4 group_size={group_size} must divide in_features; weight shape {tuple(w.shape)}")
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(n, k // group_size, dtype=torch.float32, device=w.device)
+    zero = torch.empty_like(scale)
+    for i in range(0, n, _ROWS):
+        rows = w[i:i + _ROWS].float().unflatten(1, (k // group_size, group_size))  # (n,K/g,g)
+        lo, hi = rows.amin(dim=2), rows.amax(dim=2)  # (n,K/g)
+        s = ((hi - lo) / 15.0).clamp_min(1e-12)
+        q[i:i + _ROWS] = torch.round((rows - lo[..., None]) / s[..., None]).clamp_(0, 15).flatten(1).to(torch.uint8)
+        scale[i:i + _ROWS], zero[i:i + _ROWS] = s, lo + 8.0 * s
+    return q, scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q - 8)·scale + zero with the group's scale/zero broadcast over its g columns, (N,K)."""
+    g = q.shape[1] // scale.shape[1]
+    s = scale.to(dtype).repeat_interleave(g, dim=1)
+    z = zero.to(dtype).repeat_interleave(g, dim=1)
+    return (q.to(dtype) - 8) * s + z
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: (n, k/2) packed -> (n, k) uint8 codes. The CPU layout, found by experiment
+    (tests/quant checks the round trip): rows in blocks of 64, each block a (k, 32) byte array whose
+    low nibbles are rows 0..31 and high nibbles rows 32..63 of the block; a last block of fewer rows
+    (16, 32 or 48) holds even rows in the low and odd rows in the high nibbles."""
+    flat = packed.reshape(-1)
+    full = n // 64
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    if full:
+        blocks = flat[: full * 32 * k].view(full, k, 32)  # (B,K,32)
+        both = torch.stack((blocks & 15, blocks >> 4), dim=1)  # (B,2,K,32)
+        out[: full * 64] = both.permute(0, 1, 3, 2).reshape(full * 64, k)  # (B*64,K)
+    if n > full * 64:
+        tail = flat[full * 32 * k:].view(k, (n - full * 64) // 2)  # (K,t/2)
+        out[full * 64:] = torch.stack((tail & 15, tail >> 4), dim=-1).reshape(k, -1).t()  # (t,K)
+    return out
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N,K) uint8 in [0,15] -> the CPU kernel's (N, K/2) uint8 layout (rows are packed independently)."""
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + _ROWS].to(torch.int32), 1)
+                      for i in range(0, q.shape[0], _ROWS)])
+
+
+@dataclass
+class Int4Weight:
+    """A padded, packed int4 weight: packed (Np, Kp/2) uint8, scales_and_zeros (Kp/g, Np, 2)."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    n: int
+    k: int
+    group_size: int
+
+    @staticmethod
+    def padded_shape(n: int, k: int, group_size: int) -> tuple[int, int]:
+        return -(-n // 16) * 16, -(-k // group_size) * group_size
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4Weight:
+        """Quantise a float (N,K) weight; scales/zeros are kept in `dtype` (the activation dtype)."""
+        check_group_size(group_size)
+        n, k = w.shape
+        np_, kp = cls.padded_shape(n, k, group_size)
+        if kp > k:  # repeat the last column: the padded group's range stays that of its real columns
+            w = torch.cat((w, w[:, -1:].expand(n, kp - k)), dim=1)  # (N,Kp)
+        if np_ > n:
+            w = torch.cat((w, w.new_zeros(np_ - n, kp)))  # (Np,Kp)
+        q, scale, zero = quantize_int4(w, group_size)
+        sz = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (Kp/g,Np,2)
+        return cls(pack_int4(q), sz, n, k, group_size)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (N,K) weight in `dtype`: (q - 8)·scale + zero, padding dropped."""
+        np_, kp = self.packed.shape[0], self.packed.shape[1] * 2
+        q = unpack_int4(self.packed, np_, kp)[: self.n]  # (N,Kp)
+        sz = self.scales_and_zeros[:, : self.n].to(dtype)  # (Kp/g,N,2)
+        w = q.to(dtype).unflatten(1, (kp // self.group_size, self.group_size)) - 8  # (N,Kp/g,g)
+        w = w * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.flatten(1)[:, : self.k]
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M,K) -> (M,N) in x.dtype (scales_and_zeros must be in x.dtype)."""
+        if x.shape[0] > INT4_DEQUANT_ROWS:
+            return F.linear(x, self.dequantize(x.dtype))
+        kp = self.packed.shape[1] * 2
+        if kp > self.k:
+            x = F.pad(x, (0, kp - self.k))  # (M,Kp): zero activations make the padded columns vanish
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
+                                                       self.scales_and_zeros)
+        return y if y.shape[1] == self.n else y[:, : self.n]
