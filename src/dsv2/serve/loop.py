@@ -242,6 +242,7 @@ class EngineLoop:
 
     def _fail(self, job: Job, message: str) -> None:
         log.error("request %s failed: %s", job.rid, getattr(job.req, "error", None))
+        self.engine.scheduler.failed.pop(job.rid, None)  # reported here: the engine need not keep it
         if self._finish(job, "error", abort=True, last=None):
             job.sink(Failure(500, message))
 
