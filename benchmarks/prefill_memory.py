@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -49,6 +50,12 @@ from dsv2.engine.config import EngineConfig
 from dsv2.engine.runner import SeqWork
 
 WARMUP = 600
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def synthetic_prefix(engine: Engine, seq, n: int) -> None:
@@ -96,7 +103,7 @@ def child(args: argparse.Namespace) -> None:
         engine.generate([prompt[:WARMUP]], SamplingParams(max_new_tokens=2))
     base = peak_rss_gib()
     print(f"  after a {WARMUP}-token warm-up: peak RSS {base:.2f} GiB", flush=True)
-    done, t = tokens, time.perf_counter()
+    done, t, cpu = tokens, time.perf_counter(), cpu_seconds()
     if ref is not None:
         dt = old_generate(prompt, tokens - tail if tail else 0)
     elif tail:
@@ -118,11 +125,13 @@ def child(args: argparse.Namespace) -> None:
                 break
     if ref is None:
         dt = time.perf_counter() - t
-    res = dict(impl=impl, tokens=tokens, tail=tail, done=done, seconds=dt, base=base, peak=peak_rss_gib(),
+    res = dict(impl=impl, tokens=tokens, tail=tail, done=done, seconds=dt, cpu_s=cpu_seconds() - cpu,
+               base=base, peak=peak_rss_gib(),
                latent_gib=tokens * engine.cache.bytes_per_token / 2**30, config=vars(engine.config))
     print(f"  {impl}: {done} of {tokens} tokens" + (f" (last {tail}; first {tokens - tail} synthetic)" if tail else "")
-          + f" in {dt:.1f} s; peak RSS {res['peak']:.2f} GiB, +{res['peak'] - base:.2f} GiB over the warm engine "
-          f"(latent rows of the prompt: {res['latent_gib']:.3f} GiB)", flush=True)
+          + f" in {dt:.1f} s ({res['cpu_s']:.0f} CPU s); peak RSS {res['peak']:.2f} GiB, "
+          f"+{res['peak'] - base:.2f} GiB over the warm engine (latent rows of the prompt: "
+          f"{res['latent_gib']:.3f} GiB)", flush=True)
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -179,19 +188,21 @@ def main() -> None:
         for impl in args.impls:
             res[impl, tokens] = run_child(args, impl, tokens)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
-    print(f"{'tokens':>7} {'impl':>4} {'done':>7} {'seconds':>8} {'tok/s':>6} {'peak GiB':>9} {'added GiB':>10} "
-          f"{'latent GiB':>11} {'added-latent':>13} {'new/old time':>13}")
+    print(f"{'tokens':>7} {'impl':>4} {'done':>7} {'seconds':>8} {'CPU s':>6} {'tok/s':>6} {'peak GiB':>9} "
+          f"{'added GiB':>10} {'latent GiB':>11} {'added-latent':>13} {'new/old time':>13} {'new/old CPU':>12}")
     for (impl, tokens), r in res.items():
         if r is None:
             print(f"{tokens:>7} {impl:>4}  did not finish / failed")
             continue
         old = res.get(("old", tokens))
-        ratio = (f"{r['seconds'] / old['seconds']:>12.3f}x" if impl == "new" and old and old["done"] == r["done"]
-                 and old["tail"] == r["tail"] else "")
+        ratio = cpu_ratio = ""
+        if impl == "new" and old and old["done"] == r["done"] and old["tail"] == r["tail"]:
+            ratio, cpu_ratio = f"{r['seconds'] / old['seconds']:.3f}x", f"{r['cpu_s'] / old['cpu_s']:.3f}x"
         added = r["peak"] - r["base"]
         tps = (r["tail"] or r["done"]) / r["seconds"]
-        print(f"{tokens:>7} {impl:>4} {r['done']:>7} {r['seconds']:>8.1f} {tps:>6.0f} "
-              f"{r['peak']:>9.2f} {added:>10.2f} {r['latent_gib']:>11.3f} {added - r['latent_gib']:>13.2f} {ratio:>13}")
+        print(f"{tokens:>7} {impl:>4} {r['done']:>7} {r['seconds']:>8.1f} {r['cpu_s']:>6.0f} {tps:>6.0f} "
+              f"{r['peak']:>9.2f} {added:>10.2f} {r['latent_gib']:>11.3f} {added - r['latent_gib']:>13.2f} "
+              f"{ratio:>13} {cpu_ratio:>12}")
 
 
 if __name__ == "__main__":
