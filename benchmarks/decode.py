@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -92,6 +94,19 @@ def legacy_step_fn(ref: LegacyRunner, seq: SeqSlots, s: int):
         seq.length = s  # decode position S every time: same work per call
         return ref.decode([seq], [7])[0]
     return step
+
+
+def paired(fa, fb, rounds: int) -> tuple[float, float, float]:
+    """Time fa and fb back to back, `rounds` times, alternating which goes first (load from other jobs then
+    hits both alike). Returns (best seconds of fa, best of fb, median over rounds of fa's time / fb's)."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
+    for r in range(rounds):
+        for fn, out in ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return min(ta), min(tb), statistics.median(a / b for a, b in zip(ta, tb))
 
 
 def hf_model_from(model: DeepseekV2):
@@ -245,9 +260,9 @@ def main() -> None:
     mem = "peak RSS" if dev.type == "cpu" else f"peak {dev.type} memory"
     print(f"weights loaded; {mem} {peak_memory_gib(dev):.2f} GiB\n")
 
-    hdr = (f"{'context':>8} {'dsv2 ms':>9} {'old ms':>9} {'new/old':>8} {'gathered ms':>12} {'transformers ms':>16} "
-           f"{'MHA ms':>8} {'HF/dsv2':>8} {'gath/dsv2':>9} {'MHA/dsv2':>9} {'roofline':>9} {'GB/s':>6} "
-           f"{'GFLOP/s':>8} {'peak GiB':>9}")
+    hdr = (f"{'context':>8} {'dsv2 ms':>9} {'old ms':>9} {'new/old':>8} {'paired':>7} {'gathered ms':>12} "
+           f"{'transformers ms':>16} {'MHA ms':>8} {'HF/dsv2':>8} {'gath/dsv2':>9} {'MHA/dsv2':>9} {'roofline':>9} "
+           f"{'GB/s':>6} {'GFLOP/s':>8} {'peak GiB':>9}")
     print(hdr)
     nan = float("nan")
     big = torch.randn(64 * 2**20, device=dev)  # 256 MiB bandwidth probe and a GEMM probe, re-timed beside every row
@@ -258,9 +273,10 @@ def main() -> None:
         fns = {"bw": (lambda: big.sum(), args.steps), "gemm": (lambda: sq @ sq, args.steps)}
         new_step, seq = dsv2_step_fn(eng, rows)
         fns["new"] = (new_step, args.steps)
-        if ref is not None:  # interleaved with the engine's step, over the same sequence
-            fns["old"] = (legacy_step_fn(ref, seq, s), args.steps)
-            diff = (new_step().float() - fns["old"][0]().float()).abs().max().item()
+        if ref is not None:  # paired with the engine's step call by call, over the same sequence
+            old_step = legacy_step_fn(ref, seq, s)
+            diff = (new_step().float() - old_step().float()).abs().max().item()
+            t_new_p, t_old, med = paired(synced(new_step, dev), synced(old_step, dev), args.steps)
         if mha is not None:
             fns["mha"] = (dsv2_step_fn(mha, synthetic_rows(mha.model.config, s, dt, seed=s, device=dev))[0],
                           args.steps)
@@ -276,19 +292,25 @@ def main() -> None:
         del rows, fns
         gc.collect()
         t_new = t["new"]
-        t_old, t_g, t_mha, t_hf = (t.get(n, nan) for n in ("old", "gath", "mha", "hf"))
+        t_g, t_mha, t_hf = (t.get(n, nan) for n in ("gath", "mha", "hf"))
+        if ref is None:
+            t_old = med = best = nan
+        else:
+            best, t_new = t_new_p / t_old, min(t_new, t_new_p)
         bw_row = max(bw, big.numel() * 4 / t["bw"])
         flops_row = max(flops, 2 * 1024**3 / t["gemm"])
         nb, fl = step_cost(model, s, eng.cache.bytes_per_token, "absorbed")
         roof = max(nb / bw_row, fl / flops_row) / t_new
-        print(f"{s:>8} {t_new * 1e3:>9.2f} {t_old * 1e3:>9.2f} {t_new / t_old:>7.3f}x {t_g * 1e3:>12.1f} "
-              f"{t_hf * 1e3:>16.1f} {t_mha * 1e3:>8.2f} {t_hf / t_new:>7.1f}x {t_g / t_new:>8.1f}x "
+        print(f"{s:>8} {t_new * 1e3:>9.2f} {t_old * 1e3:>9.2f} {best:>7.3f}x {med:>6.3f}x "
+              f"{t_g * 1e3:>12.1f} {t_hf * 1e3:>16.1f} {t_mha * 1e3:>8.2f} {t_hf / t_new:>7.1f}x {t_g / t_new:>8.1f}x "
               f"{t_mha / t_new:>8.2f}x {roof:>8.0%} {bw_row / 1e9:>6.1f} {flops_row / 1e9:>8.1f} "
               f"{peak_memory_gib(dev):>9.2f}" + (f"   (logits new vs old: max |diff| {diff:.2e})" if ref else ""),
               flush=True)
     print("\nbest of N interleaved calls per implementation (transformers/gathered: --hf-steps calls). dsv2 = one"
           " engine step (ModelRunner.execute) decoding one token; old = the pre-issue-9 runner's decode"
-          " (benchmarks/_legacy_runner.py) over the same cache.")
+          " (benchmarks/_legacy_runner.py) over the same cache, timed in pairs before the others' rounds:"
+          " new/old = ratio of the best times in those pairs, paired = median over rounds of each pair's ratio"
+          " (the steadier figure on a loaded machine).")
     print("dsv2 step: bytes = weights (all but embedding) + S x KV bytes/token; roofline time ="
           " max(bytes/BW, FLOPs/GEMM rate), BW and GEMM rate = best seen (start of run or beside the row);"
           " fraction = roofline time / measured time.")
