@@ -1,11 +1,17 @@
-"""Decode speed, one process, same random weights: dsv2 absorbed vs expanded vs transformers vs MHA.
+"""Decode speed, one process, same random weights: dsv2 (engine step, absorbed over the latent in place)
+vs dsv2 "gathered" (one padded batch through the model's attend_absorbed) vs transformers vs MHA.
 
 V2-Lite attention shape (hidden 2048, 16 heads, d_c 512, d_R 64, dense FFN 10944, vocab 102400),
 2 dense layers, bf16, batch 1. For each context S the cache is filled with the same synthetic rows
 (normalised latents) in every implementation -- a 32K prefill on 2 cores would take longer than the
-whole benchmark -- then one token is decoded at position S, several times, median reported.
+whole benchmark -- then one token is decoded at position S, several times, best of N interleaved calls.
+
+--compare-ref also times the decode path the engine had before issue 9 (`_legacy_runner.LegacyRunner
+.decode`, a benchmark-only copy of the old runner's batch-1 fast path) over the *same* cache and
+sequence as the engine's step, interleaved call by call, and prints new / old (< 1: the engine is faster).
 
     python benchmarks/decode.py                      # 1K 4K 8K 32K, a few minutes on 2 cores
+    python benchmarks/decode.py --compare-ref --no-hf --no-gathered
     python benchmarks/decode.py --contexts 1024 4096 --hf-steps 1
 
 Also measured in the same run: this machine's GEMM FLOP/s and memory read bandwidth, giving each
@@ -17,13 +23,18 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
 
 from _common import peak_memory_gib, synced, timed_rounds, timeit
+from _legacy_runner import LegacyRunner
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine
+from dsv2.engine.cache import SeqSlots
+from dsv2.engine.runner import SeqWork
 from dsv2.model import DeepseekV2
 
 
@@ -57,20 +68,45 @@ def synthetic_rows(cfg: ModelConfig, s: int, dtype: torch.dtype, seed: int,
             for _ in range(cfg.num_hidden_layers)]
 
 
-def dsv2_step_fn(engine: Engine, rows: list[torch.Tensor]):
-    """Fill a sequence of len(rows[0]) tokens, then return a function that decodes one token at S."""
+def fill(engine: Engine, rows: list[torch.Tensor]) -> SeqSlots:
+    """Reserve a sequence of len(rows[0]) + 1 tokens in the engine's cache and write the rows as its first S."""
     cache, s = engine.cache, rows[0].shape[0]
     seq = cache.reserve(s + 1)
     for i, r in enumerate(rows):
         cache.write(i, cache.slots(seq, 0, s), r)
-
-    def step() -> None:
-        seq.length = s  # decode position S every time: same work per call
-        engine.runner.decode([seq], [7])
     if not hasattr(engine, "cache_seqs"):
         engine.cache_seqs = []
     engine.cache_seqs.append(seq)
-    return step, seq
+    return seq
+
+
+def dsv2_step_fn(engine: Engine, rows: list[torch.Tensor]):
+    """Fill a sequence of len(rows[0]) tokens, then return (a function that runs one engine step decoding
+    one token at position S, the sequence). Every call does the same work (it rewrites slot S)."""
+    seq = fill(engine, rows)
+    work = [SeqWork(seq.reserved, rows[0].shape[0], [7])]
+    return (lambda: engine.runner.execute(work)[0]), seq
+
+
+def legacy_step_fn(ref: LegacyRunner, seq: SeqSlots, s: int):
+    """The pre-issue-9 decode of one token at position S over the same sequence."""
+    def step() -> torch.Tensor:
+        seq.length = s  # decode position S every time: same work per call
+        return ref.decode([seq], [7])[0]
+    return step
+
+
+def paired(fa, fb, rounds: int) -> tuple[float, float, float]:
+    """Time fa and fb back to back, `rounds` times, alternating which goes first (load from other jobs then
+    hits both alike). Returns (best seconds of fa, best of fb, median over rounds of fa's time / fb's)."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
+    for r in range(rounds):
+        for fn, out in ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return min(ta), min(tb), statistics.median(a / b for a, b in zip(ta, tb))
 
 
 def hf_model_from(model: DeepseekV2):
@@ -171,11 +207,16 @@ def kv_quality_report(model_dir: str | None, steps: int, text: str | None) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
-    ap.add_argument("--steps", type=int, default=10, help="timed steps for dsv2 absorbed and MHA")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps for dsv2, the old path and MHA")
     ap.add_argument("--hf-steps", type=int, nargs="+", default=[3, 2, 2, 1],
-                    help="timed steps for transformers and dsv2 expanded, per context (last one repeats)")
+                    help="timed steps for transformers and dsv2 gathered, per context (last one repeats)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-gathered", action="store_true", help="skip dsv2's gathered decode")
+    ap.add_argument("--no-mha", action="store_true", help="skip the MHA baseline")
+    ap.add_argument("--compare-ref", action="store_true",
+                    help="also time the pre-issue-9 decode path (benchmarks/_legacy_runner.py) over the same "
+                         "cache, interleaved, and print new / old")
     ap.add_argument("--kv-quality", nargs="?", const="", default=None, metavar="MODEL_DIR",
                     help="instead: quantised cache quality vs bf16 (a checkpoint folder, or a random model)")
     ap.add_argument("--quality-steps", type=int, default=512)
@@ -205,51 +246,72 @@ def main() -> None:
     cfg = lite_shape(args.layers)
     model = DeepseekV2(cfg, dtype=dt, device=dev).eval()
     s_max = max(args.contexts) + 8
-    eng = Engine(model, kv_cache_dtype="bf16", max_tokens=s_max)
-    eng_x = Engine(model, kv_cache_dtype="bf16", max_tokens=s_max, decode_impl="expanded")
+    eng = Engine(model, kv_cache_dtype="bf16", max_tokens=s_max)  # prepares the model (dsv2.precision)
+    ref = LegacyRunner(model, eng.cache) if args.compare_ref else None  # same model, same cache
+    eng_g = None if args.no_gathered else Engine(model, kv_cache_dtype="bf16", max_tokens=s_max,
+                                                  decode_impl="gathered")
     hf = None if args.no_hf else hf_model_from(model)
-    mha_model = DeepseekV2(lite_shape(args.layers, "mha"), dtype=dt, device=dev).eval()
-    mha = Engine(mha_model, kv_cache_dtype="bf16", max_tokens=s_max)
-    print(f"KV bytes/token: MLA {eng.cache.bytes_per_token} (= (512+64) x {args.layers} layers x 2 B), "
-          f"MHA {mha.cache.bytes_per_token} ({mha.cache.bytes_per_token / eng.cache.bytes_per_token:.1f}x)")
+    mha = None
+    if not args.no_mha:
+        mha = Engine(DeepseekV2(lite_shape(args.layers, "mha"), dtype=dt, device=dev), kv_cache_dtype="bf16",
+                     max_tokens=s_max)
+        print(f"KV bytes/token: MLA {eng.cache.bytes_per_token} (= (512+64) x {args.layers} layers x 2 B), "
+              f"MHA {mha.cache.bytes_per_token} ({mha.cache.bytes_per_token / eng.cache.bytes_per_token:.1f}x)")
     mem = "peak RSS" if dev.type == "cpu" else f"peak {dev.type} memory"
     print(f"weights loaded; {mem} {peak_memory_gib(dev):.2f} GiB\n")
 
-    hdr = (f"{'context':>8} {'absorbed ms':>12} {'expanded ms':>12} {'transformers ms':>16} {'MHA ms':>8} "
-           f"{'HF/abs':>8} {'exp/abs':>8} {'MHA/abs':>8} {'abs roofline':>13} {'GB/s':>6} {'GFLOP/s':>8} "
-           f"{'peak GiB':>13}")
+    hdr = (f"{'context':>8} {'dsv2 ms':>9} {'old ms':>9} {'new/old':>8} {'paired':>7} {'gathered ms':>12} "
+           f"{'transformers ms':>16} {'MHA ms':>8} {'HF/dsv2':>8} {'gath/dsv2':>9} {'MHA/dsv2':>9} {'roofline':>9} "
+           f"{'GB/s':>6} {'GFLOP/s':>8} {'peak GiB':>9}")
     print(hdr)
-    results = []
+    nan = float("nan")
     big = torch.randn(64 * 2**20, device=dev)  # 256 MiB bandwidth probe and a GEMM probe, re-timed beside every row
     sq = torch.randn(1024, 1024, device=dev)
     for k, s in enumerate(args.contexts):
         hf_steps = args.hf_steps[min(k, len(args.hf_steps) - 1)]
         rows = synthetic_rows(cfg, s, dt, seed=s, device=dev)
-        mha_rows = synthetic_rows(mha_model.config, s, dt, seed=s, device=dev)
         fns = {"bw": (lambda: big.sum(), args.steps), "gemm": (lambda: sq @ sq, args.steps)}
-        fns["abs"] = (dsv2_step_fn(eng, rows)[0], args.steps)
-        fns["mha"] = (dsv2_step_fn(mha, mha_rows)[0], args.steps)
-        fns["exp"] = (dsv2_step_fn(eng_x, rows)[0], hf_steps)
+        new_step, seq = dsv2_step_fn(eng, rows)
+        fns["new"] = (new_step, args.steps)
+        if ref is not None:  # paired with the engine's step call by call, over the same sequence
+            old_step = legacy_step_fn(ref, seq, s)
+            diff = (new_step().float() - old_step().float()).abs().max().item()
+            t_new_p, t_old, med = paired(synced(new_step, dev), synced(old_step, dev), args.steps)
+        if mha is not None:
+            fns["mha"] = (dsv2_step_fn(mha, synthetic_rows(mha.model.config, s, dt, seed=s, device=dev))[0],
+                          args.steps)
+        if eng_g is not None:
+            fns["gath"] = (dsv2_step_fn(eng_g, rows)[0], hf_steps)
         if hf is not None:
             fns["hf"] = (hf_step_fn(hf, rows, cfg.kv_lora_rank), hf_steps)
         t = timed_rounds({name: (synced(fn, dev), n) for name, (fn, n) in fns.items()})
-        for e in (eng, eng_x, mha):
-            for seq in list(e.cache_seqs):
-                e.cache.release(seq)
-            e.cache_seqs.clear()
-        del rows, mha_rows, fns
+        for e in (e for e in (eng, eng_g, mha) if e is not None):
+            for q in e.cache_seqs:
+                e.cache.release(q)
+            e.cache_seqs = []
+        del rows, fns
         gc.collect()
-        t_abs, t_exp, t_mha, t_hf = t["abs"], t["exp"], t["mha"], t.get("hf", float("nan"))
+        t_new = t["new"]
+        t_g, t_mha, t_hf = (t.get(n, nan) for n in ("gath", "mha", "hf"))
+        if ref is None:
+            t_old = med = best = nan
+        else:
+            best, t_new = t_new_p / t_old, min(t_new, t_new_p)
         bw_row = max(bw, big.numel() * 4 / t["bw"])
         flops_row = max(flops, 2 * 1024**3 / t["gemm"])
         nb, fl = step_cost(model, s, eng.cache.bytes_per_token, "absorbed")
-        roof = max(nb / bw_row, fl / flops_row) / t_abs
-        results.append((s, t_abs, t_exp, t_hf, t_mha, roof))
-        print(f"{s:>8} {t_abs * 1e3:>12.2f} {t_exp * 1e3:>12.1f} {t_hf * 1e3:>16.1f} {t_mha * 1e3:>8.2f} "
-              f"{t_hf / t_abs:>7.1f}x {t_exp / t_abs:>7.1f}x {t_mha / t_abs:>7.2f}x {roof:>12.0%} "
-              f"{bw_row / 1e9:>6.1f} {flops_row / 1e9:>8.1f} {peak_memory_gib(dev):>13.2f}", flush=True)
-    print("\nbest of N interleaved calls per implementation (transformers/expanded: --hf-steps calls).")
-    print("absorbed step: bytes = weights (all but embedding) + S x KV bytes/token; roofline time ="
+        roof = max(nb / bw_row, fl / flops_row) / t_new
+        print(f"{s:>8} {t_new * 1e3:>9.2f} {t_old * 1e3:>9.2f} {best:>7.3f}x {med:>6.3f}x "
+              f"{t_g * 1e3:>12.1f} {t_hf * 1e3:>16.1f} {t_mha * 1e3:>8.2f} {t_hf / t_new:>7.1f}x {t_g / t_new:>8.1f}x "
+              f"{t_mha / t_new:>8.2f}x {roof:>8.0%} {bw_row / 1e9:>6.1f} {flops_row / 1e9:>8.1f} "
+              f"{peak_memory_gib(dev):>9.2f}" + (f"   (logits new vs old: max |diff| {diff:.2e})" if ref else ""),
+              flush=True)
+    print("\nbest of N interleaved calls per implementation (transformers/gathered: --hf-steps calls). dsv2 = one"
+          " engine step (ModelRunner.execute) decoding one token; old = the pre-issue-9 runner's decode"
+          " (benchmarks/_legacy_runner.py) over the same cache, timed in pairs before the others' rounds:"
+          " new/old = ratio of the best times in those pairs, paired = median over rounds of each pair's ratio"
+          " (the steadier figure on a loaded machine).")
+    print("dsv2 step: bytes = weights (all but embedding) + S x KV bytes/token; roofline time ="
           " max(bytes/BW, FLOPs/GEMM rate), BW and GEMM rate = best seen (start of run or beside the row);"
           " fraction = roofline time / measured time.")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")

@@ -21,6 +21,7 @@ import torch
 from _common import DTYPES, synced, timed_rounds
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine, SamplingParams, parse_bytes
+from dsv2.engine.attention import DECODE_IMPLS
 from dsv2.model import DeepseekV2
 
 
@@ -52,10 +53,12 @@ def run(attn: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[s
 def gemm_probe(device: str, dtype: torch.dtype) -> str:
     """Cost of one dsv2 Linear (2048 -> 10944, the dense FFN's up projection) at M rows relative to one
     row, in inference: how far a decode step is from memory-bound as the batch grows. Beside it, plain
-    F.linear on an fp32 copy of the weight (what dsv2 did before packing the weights for oneDNN)."""
-    from dsv2.model.layers import Linear
+    F.linear on an fp32 copy of the weight (what dsv2 did before packing the weights for oneDNN).
+    `CpuLinear` is what `dsv2.precision.prepare` swaps into a model (on a CPU with native bf16 GEMMs, or
+    another device, it is a plain nn.Linear)."""
+    from dsv2.precision import CpuLinear
 
-    lin = Linear(2048, 10944, bias=False, device=device, dtype=dtype)
+    lin = CpuLinear(2048, 10944, bias=False, device=device, dtype=dtype)
     w32 = lin.weight.detach().float()
     with torch.inference_mode():
         xs = {m: torch.randn(m, 2048, device=device, dtype=dtype) for m in (1, 2, 8, 16, 64, 128)}
@@ -84,9 +87,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (models and caches live there)")
     ap.add_argument("--probe-only", action="store_true", help="only the GEMM-vs-rows probe")
-    ap.add_argument("--decode-impl", default="auto", choices=("auto", "fast", "absorbed", "expanded"),
-                    help="fast: per-sequence attention over the pool (auto's choice on CPU); absorbed: one "
-                         "gathered batch through the model's attend_absorbed (auto's choice elsewhere)")
+    ap.add_argument("--decode-impl", default="auto", choices=DECODE_IMPLS,
+                    help="fast: per-sequence attention over the pool (auto's choice on CPU); gathered: one "
+                         "padded batch through the model's attend_absorbed (auto's choice elsewhere)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
