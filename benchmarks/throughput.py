@@ -72,6 +72,37 @@ def gemm_probe(device: str, dtype: torch.dtype) -> str:
                         else ")") for m in xs)
 
 
+def run_mix(args: argparse.Namespace) -> None:
+    """The realistic mix (benchmarks/_workload.py) under one KV budget: blocks on demand vs reserved up
+    front (MLA), and MLA vs MHA (both on demand), in one run: sequences held and decode tokens/s."""
+    from _workload import drive, realistic_mix
+
+    jobs = realistic_mix(args.requests, args.vocab, seed=0)
+    print(f"realistic mix: {len(jobs)} requests, prompts 32-512 tokens, max_new_tokens 512, outputs stop after "
+          f"16-128 tokens; KV budget {args.kv_memory}", flush=True)
+    dt = DTYPES[args.dtype]
+    res = {}
+    for attn, alloc in (("mla", "on_demand"), ("mla", "reserve"), ("mha", "on_demand")):
+        torch.manual_seed(0)
+        model = DeepseekV2(lite_shape(args.layers, attn, args.vocab), dtype=dt, device=args.device).eval()
+        eng = Engine(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch=args.max_batch,
+                     kv_cache_dtype=args.kv_cache_dtype, decode_impl=args.decode_impl, allocation=alloc,
+                     prefix_caching=False)
+        res[attn, alloc] = r = drive(eng, jobs)
+        print(f"{attn.upper():>4} {alloc:>9}: {eng.cache.capacity_tokens:>6} cache tokens, sequences held max "
+              f"{r['max_running']:>4} / mean {r['mean_running']:6.1f}, {r['preemptions']:>3} preemptions, "
+              f"{r['tok_s']:7.1f} tokens/s end-to-end, {r['decode_tok_s']:7.1f} in decode, {r['wall']:.0f}s",
+              flush=True)
+        del eng, model
+    od, rv, mha = res["mla", "on_demand"], res["mla", "reserve"], res["mha", "on_demand"]
+    print(f"MLA on demand / reserved up front: sequences held {od['mean_running'] / rv['mean_running']:.2f}x "
+          f"(mean), {od['max_running'] / rv['max_running']:.2f}x (max); end-to-end tokens/s "
+          f"{od['tok_s'] / rv['tok_s']:.2f}x; decode tokens/s {od['decode_tok_s'] / rv['decode_tok_s']:.2f}x")
+    print(f"MLA / MHA (both on demand): sequences held {od['mean_running'] / mha['mean_running']:.2f}x (mean); "
+          f"end-to-end tokens/s {od['tok_s'] / mha['tok_s']:.2f}x; decode tokens/s "
+          f"{od['decode_tok_s'] / mha['decode_tok_s']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-memory", default="16MiB", help="KV budget shared by all sequences (default 16MiB)")
@@ -87,12 +118,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (models and caches live there)")
     ap.add_argument("--probe-only", action="store_true", help="only the GEMM-vs-rows probe")
+    ap.add_argument("--mix", action="store_true",
+                    help="the realistic mix instead (prompts 32-512, max_new_tokens 512, outputs of 16-128): "
+                         "on-demand blocks vs up-front reservation, and MLA vs MHA")
     ap.add_argument("--decode-impl", default="auto", choices=DECODE_IMPLS,
                     help="fast: per-sequence attention over the pool (auto's choice on CPU); gathered: one "
                          "padded batch through the model's attend_absorbed (auto's choice elsewhere)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mix:
+        print(f"load average at start: {os.getloadavg()[0]:.2f}; threads {torch.get_num_threads()}")
+        return run_mix(args)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other jobs on the machine skew timings)")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, args.vocab, (args.requests, args.prompt_len), generator=g).tolist()
