@@ -169,25 +169,18 @@ class Engine:
         alone (their rows at the step's slots are rewritten by the retry, so nothing stale is read)."""
         try:
             return self.runner.execute(work)
-        except Exception:
+        except Exception as e:
             if len(work) == 1:
-                self.scheduler.retire(plan[0][0], "error", self._describe_error())
+                self.scheduler.retire(plan[0][0], "error", f"{type(e).__name__}: {e}")
                 return [None]
         out: list[torch.Tensor | None] = []
         for (req, _), w in zip(plan, work):
             try:
                 out.extend(self.runner.execute([w]))
-            except Exception:
-                self.scheduler.retire(req, "error", self._describe_error())
+            except Exception as e:
+                self.scheduler.retire(req, "error", f"{type(e).__name__}: {e}")
                 out.append(None)
         return out
-
-    @staticmethod
-    def _describe_error() -> str:
-        import sys
-
-        e = sys.exc_info()[1]
-        return f"{type(e).__name__}: {e}"
 
     def _sample(self, ready: list[tuple[Request, torch.Tensor]]) -> list[tuple[Request, int]]:
         """Next token of every request whose logits (V,) are ready. Each row draws from its own generator
