@@ -20,7 +20,7 @@ import torch
 
 from _common import DTYPES, synced, timed_rounds
 from dsv2.config import ModelConfig
-from dsv2.engine import Engine, SamplingParams, parse_bytes
+from dsv2.engine import CacheError, Engine, SamplingParams, parse_bytes
 from dsv2.engine.attention import DECODE_IMPLS
 from dsv2.model import DeepseekV2
 
@@ -88,7 +88,11 @@ def run_mix(args: argparse.Namespace) -> None:
         eng = Engine(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch=args.max_batch,
                      kv_cache_dtype=args.kv_cache_dtype, decode_impl=args.decode_impl, allocation=alloc,
                      prefix_caching=False)
-        res[attn, alloc] = r = drive(eng, jobs)
+        try:
+            res[attn, alloc] = r = drive(eng, jobs)
+        except CacheError as e:  # a budget too small for one request of the mix (MHA's rows are 7x wider)
+            print(f"{attn.upper():>4} {alloc:>9}: cannot run this mix: {e}")
+            return
         print(f"{attn.upper():>4} {alloc:>9}: {eng.cache.capacity_tokens:>6} cache tokens, sequences held max "
               f"{r['max_running']:>4} / mean {r['mean_running']:6.1f}, {r['preemptions']:>3} preemptions, "
               f"{r['tok_s']:7.1f} tokens/s end-to-end, {r['decode_tok_s']:7.1f} in decode, {r['wall']:.0f}s",
