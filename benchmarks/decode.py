@@ -8,10 +8,11 @@ whole benchmark -- then one token is decoded at position S, several times, best 
 
 --compare-ref also times the decode path the engine had before issue 9 (`_legacy_runner.LegacyRunner
 .decode`, a benchmark-only copy of the old runner's batch-1 fast path) over the *same* cache and
-sequence as the engine's step, interleaved call by call, and prints new / old (< 1: the engine is faster).
+sequence as the engine's step, in pairs alternating which goes first, and prints new / old (< 1: the
+engine is faster) of the best times and the median of the per-pair ratios (steadier on a loaded machine).
 
     python benchmarks/decode.py                      # 1K 4K 8K 32K, a few minutes on 2 cores
-    python benchmarks/decode.py --compare-ref --no-hf --no-gathered
+    python benchmarks/decode.py --compare-ref --no-hf --no-gathered --no-mha --steps 60 --threads 1
     python benchmarks/decode.py --contexts 1024 4096 --hf-steps 1
 
 Also measured in the same run: this machine's GEMM FLOP/s and memory read bandwidth, giving each
@@ -150,20 +151,14 @@ def hf_step_fn(hf, rows: list[torch.Tensor], c: int):
     return step
 
 
-def step_cost(model: DeepseekV2, s: int, bytes_per_token: int, impl: str) -> tuple[float, float]:
-    """(bytes, flops) one decode step must touch: weights (all but the embedding) + the cache."""
+def step_cost(model: DeepseekV2, s: int, bytes_per_token: int) -> tuple[float, float]:
+    """(bytes, flops) one absorbed MLA decode step must touch: weights (all but the embedding) + the cache."""
     cfg = model.config
     el = model.lm_head.weight.element_size()
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed_tokens"))
     nbytes = params * el + s * bytes_per_token
     h, c, r = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    if impl == "absorbed":
-        attn = 2 * h * s * (c + r + c)
-    elif impl == "expanded":  # decompress S tokens, then per-head attention
-        attn = 2 * s * c * h * (cfg.qk_nope_head_dim + cfg.v_head_dim) + 2 * h * s * (cfg.qk_head_dim + cfg.v_head_dim)
-        nbytes += 2 * s * h * (cfg.qk_head_dim + cfg.v_head_dim) * el  # the decompressed K/V, written once
-    else:  # mha
-        attn = 2 * h * s * 2 * cfg.head_dim
+    attn = 2 * h * s * (c + r + c)  # scores over the C+R-wide latent rows, then p @ c_kv
     return nbytes, 2 * params + attn * cfg.num_hidden_layers
 
 
@@ -207,7 +202,7 @@ def kv_quality_report(model_dir: str | None, steps: int, text: str | None) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
-    ap.add_argument("--steps", type=int, default=10, help="timed steps for dsv2, the old path and MHA")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps for dsv2 and MHA (pairs with the old path)")
     ap.add_argument("--hf-steps", type=int, nargs="+", default=[3, 2, 2, 1],
                     help="timed steps for transformers and dsv2 gathered, per context (last one repeats)")
     ap.add_argument("--layers", type=int, default=2)
@@ -299,7 +294,7 @@ def main() -> None:
             best, t_new = t_new_p / t_old, min(t_new, t_new_p)
         bw_row = max(bw, big.numel() * 4 / t["bw"])
         flops_row = max(flops, 2 * 1024**3 / t["gemm"])
-        nb, fl = step_cost(model, s, eng.cache.bytes_per_token, "absorbed")
+        nb, fl = step_cost(model, s, eng.cache.bytes_per_token)
         roof = max(nb / bw_row, fl / flops_row) / t_new
         print(f"{s:>8} {t_new * 1e3:>9.2f} {t_old * 1e3:>9.2f} {best:>7.3f}x {med:>6.3f}x "
               f"{t_g * 1e3:>12.1f} {t_hf * 1e3:>16.1f} {t_mha * 1e3:>8.2f} {t_hf / t_new:>7.1f}x {t_g / t_new:>8.1f}x "

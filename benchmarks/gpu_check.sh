@@ -16,7 +16,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 timeout 240 "$PY" benchmarks/decode.py --device cuda --steps 20 --hf-steps 5 2>&1 | tee "$OUT/decode_cuda.txt"
-for impl in fast absorbed; do  # per-sequence attention loop vs one padded batch (launch-bound on a GPU?)
+for impl in fast gathered; do  # per-sequence attention loop vs one padded batch (launch-bound on a GPU?)
     timeout 150 "$PY" benchmarks/throughput.py --device cuda --kv-memory 64MiB --requests 512 --prompt-len 64 \
         --new-tokens 64 --decode-impl "$impl" 2>&1 | tee "$OUT/throughput_cuda_$impl.txt"
 done
