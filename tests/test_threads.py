@@ -47,3 +47,23 @@ def test_engine_flags() -> None:
     assert (a.threads, a.no_resident) == (3, True)
     a = p.parse_args([])
     assert (a.threads, a.no_resident) == (None, False)
+
+
+def test_generate_sets_and_prints_threads(tmp_path, capsys) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from dsv2.config import ModelConfig
+    from dsv2.engine.cli import main
+    from dsv2.model import DeepseekV2
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["to be or not to be"] * 4, trainers.BpeTrainer(vocab_size=260, special_tokens=["<unk>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    DeepseekV2(ModelConfig.from_preset("tiny")).save_pretrained(tmp_path)
+    base = ["--model", str(tmp_path), "--prompt", "to be", "--max-new-tokens", "2", "--ignore-eos"]
+    assert main([*base, "--threads", "1", "--no-resident"]) == 0
+    assert ", 1 threads, " in capsys.readouterr().err and torch.get_num_threads() == 1
+    assert main([*base, "--threads", "0"]) == 2
+    assert "--threads: thread count must be an integer >= 1, got 0" in capsys.readouterr().err
