@@ -57,6 +57,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens computed per engine step, decodes first (default 2048)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached blocks of shared prefixes")
     p.add_argument("--show-config", action="store_true", help="print the engine's settings (EngineConfig) first")
+    p.add_argument("--no-resident", action="store_true", help="leave memory-mapped weights as file pages "
+                   "(default: copy them into RAM, so that the page cache cannot evict them between steps)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, capped at "
+                   "the cores idle now: more threads than idle cores make every step wait for the slowest)")
 
 
 def _pick_dtype(name: str, n_params: int, quantised: bool = False) -> torch.dtype:
@@ -100,6 +104,13 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from dsv2.threads import ThreadCountError, pick_threads
+
+    try:
+        torch.set_num_threads(pick_threads(args.threads))
+    except ThreadCountError as e:
+        print(f"error: --threads: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         model, tokenizer, dtype, device = load_checkpoint(folder, cfg, args.dtype, args.device, args.weights,
@@ -115,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
                         max_tokens=None if args.kv_memory else max(budget_tokens, 64),
                         rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk,
                         max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
-                        prefix_caching=not args.no_prefix_caching)
+                        prefix_caching=not args.no_prefix_caching, resident=not args.no_resident)
         if args.show_config:
             print(f"engine:\n{engine.config.describe()}", file=sys.stderr)
         prompts = [tokenizer.encode(p).ids for p in args.prompt]
@@ -125,7 +136,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fmt = f"{args.weights or cfg.extra.get('quantization_config', {}).get('weights', 'float')} weights, "
-    print(f"[{cfg.num_parameters() / 1e6:.1f}M parameters, {fmt}{dtype}, {device}, loaded in {load_s:.1f}s]",
+    print(f"[{cfg.num_parameters() / 1e6:.1f}M parameters, {fmt}{dtype}, {device}, "
+          f"{torch.get_num_threads()} threads, loaded in {load_s:.1f}s]",
           file=sys.stderr)
     t0 = time.perf_counter()
     outs: list[list[int]] = [[] for _ in prompts]

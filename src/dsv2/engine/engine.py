@@ -27,6 +27,7 @@ from dsv2.engine.sampling import SamplingParams, is_finished, sample_token, toke
 from dsv2.engine.scheduler import Request, RequestError, Scheduler
 from dsv2.model import DeepseekV2
 from dsv2.precision import prepare
+from dsv2.resident import make_resident
 
 
 class GenerationError(RuntimeError):
@@ -83,6 +84,8 @@ class Engine:
             raise TypeError(f"give either config or EngineConfig fields, not both (got {sorted(kwargs)})")
         config = config if config is not None else EngineConfig(**kwargs)
         cfg = model.config
+        # weights left as file pages are re-read from disk when the kernel evicts them (issue 13)
+        self.resident_bytes = make_resident(model) if config.resident else 0
         w = model.embed_tokens.weight
         self.model, self.cfg, self.device = prepare(model.eval()), cfg, w.device
         if config.kv_memory is None and config.max_tokens is None:

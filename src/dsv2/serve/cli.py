@@ -54,7 +54,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags `dsv2 generate` shares with serve."""
     return dict(kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory, max_batch=args.max_batch,
                 max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
-                rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk)
+                rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk,
+                resident=not args.no_resident)
 
 
 def build_state(args: argparse.Namespace):
@@ -131,6 +132,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        import torch
+
+        from dsv2.threads import pick_threads
+
+        torch.set_num_threads(pick_threads(args.threads))
         state = build_state(args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"dsv2 serve: error: {e}", file=sys.stderr)
@@ -146,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"dsv2 serve: model {state.model_name!r} listening on http://{shown}:{port} "
-          f"(OpenAI base_url http://{shown}:{port}/v1)", flush=True)
+          f"(OpenAI base_url http://{shown}:{port}/v1; {torch.get_num_threads()} threads)", flush=True)
     # uvicorn's own deadline is a backstop: the drain at --shutdown-timeout ends the streams first
     config = uvicorn.Config(create_app(state), log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5, access_log=args.log_level == "debug")

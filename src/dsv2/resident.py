@@ -1,0 +1,100 @@
+"""Keep a model's weights in anonymous memory, not in memory-mapped file pages.
+
+`DeepseekV2.from_pretrained` keeps a stored tensor as a private mapping of the checkpoint file when
+no cast is needed (a quantised folder loads in seconds that way). Those pages belong to the page
+cache: the kernel may drop a page that is read only once per step and read it back from disk on the
+next step, which made decode 3-30x slower on a machine with proactive page-out (issue 13).
+`make_resident(model)` copies every such parameter and buffer into ordinary process memory.
+
+How file backing is detected: a CPU tensor's storage is file-backed when its first byte lies inside a
+mapping that /proc/self/maps lists with a file path (a regular file, inode != 0). Anonymous memory --
+malloc's heap, its mmap'ed large blocks, torch's allocator -- has no path there (or a bracketed name
+such as [heap]). This catches every way a tensor gets mapped from a file (`mmap` + `torch.frombuffer`
+as `dsv2.tensorfile` does, `torch.load(mmap=True)`, `torch.from_file`, safetensors' mappings), and it
+needs no knowledge of how the tensor was made. Off Linux (no /proc/self/maps) nothing is found.
+"""
+
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_MAPS = Path("/proc/self/maps")
+
+
+def _file_ranges() -> tuple[list[int], list[int]]:
+    """(starts, ends) of this process's file-backed mappings, sorted by start."""
+    spans: list[tuple[int, int]] = []
+    try:
+        lines = _MAPS.read_text().splitlines()
+    except OSError:
+        return [], []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        # address perms offset dev inode [path]
+        if len(parts) < 6 or parts[4] == "0" or not parts[5].startswith("/"):
+            continue
+        lo, hi = parts[0].split("-")
+        spans.append((int(lo, 16), int(hi, 16)))
+    spans.sort()
+    return [s for s, _ in spans], [e for _, e in spans]
+
+
+def _is_file_backed(t: torch.Tensor, ranges: tuple[list[int], list[int]]) -> bool:
+    if t.device.type != "cpu" or t.untyped_storage().nbytes() == 0:
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    starts, ends = ranges
+    i = bisect.bisect_right(starts, ptr) - 1
+    return i >= 0 and ptr < ends[i]
+
+
+def file_backed(model: nn.Module) -> list[str]:
+    """Names (state-dict style) of the parameters and buffers whose storage is a file mapping."""
+    ranges = _file_ranges()
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return [name for name, t in tensors if t is not None and _is_file_backed(t, ranges)]
+
+
+@torch.no_grad()
+def make_resident(model: nn.Module) -> int:
+    """Replace every file-backed parameter / buffer of `model` by an anonymous in-memory copy, in place.
+
+    One storage at a time (peak memory: the model plus one tensor); tensors that shared a storage (tied
+    embeddings, views) share the copy, and a Parameter stays the same object (its `.data` is swapped).
+    Returns the bytes copied (0 when nothing was file-backed)."""
+    ranges = _file_ranges()
+    if not ranges[0]:
+        return 0
+    # first find every file-backed slot, grouped by storage, holding names only (no references to the
+    # old tensors, so each mapping is released as soon as its group is copied)
+    groups: dict[int, list[tuple[nn.Module, str, str, tuple]]] = {}
+    for module in model.modules():
+        for kind, slots in (("param", module._parameters), ("buffer", module._buffers)):
+            for name, t in slots.items():
+                if t is not None and _is_file_backed(t, ranges):
+                    view = (t.dtype, t.storage_offset(), tuple(t.size()), t.stride())
+                    groups.setdefault(t.untyped_storage().data_ptr(), []).append((module, kind, name, view))
+    copied = 0
+    for slots in groups.values():
+        module, kind, name, _ = slots[0]
+        old = getattr(module, name).untyped_storage()
+        new = torch.UntypedStorage(old.nbytes(), device=old.device)
+        new.copy_(old)
+        copied += old.nbytes()
+        del old
+        views: dict[tuple, torch.Tensor] = {}
+        swapped: set[int] = set()
+        for module, kind, name, view in slots:
+            if view not in views:
+                dtype, offset, size, stride = view
+                views[view] = torch.empty(0, dtype=dtype, device=new.device).set_(new, offset, size, stride)
+            if kind == "buffer":
+                module._buffers[name] = views[view]
+            elif id(p := module._parameters[name]) not in swapped:  # a tied Parameter is swapped once
+                p.data = views[view]
+                swapped.add(id(p))
+    return copied

@@ -1,0 +1,90 @@
+"""dsv2.resident: memory-mapped weights become anonymous memory; results do not change."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv2.config import ModelConfig
+from dsv2.engine import Engine
+from dsv2.model import DeepseekV2
+from dsv2.resident import file_backed, make_resident
+
+
+def _maps_path(t: torch.Tensor) -> str | None:
+    """Independent reference: the path /proc/self/maps gives for the mapping holding t's first byte."""
+    ptr = t.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= ptr < hi:
+            return parts[5] if len(parts) == 6 else None
+    return None
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ckpt")
+    m = DeepseekV2(ModelConfig.from_preset("tiny"), dtype=torch.float32)
+    m.reset_parameters(seed=3)
+    m.save_pretrained(d)
+    return d
+
+
+def _load(folder: Path) -> DeepseekV2:
+    return DeepseekV2.from_pretrained(folder, dtype=torch.float32).eval()  # stored dtype: kept as mapped views
+
+
+def test_loaded_weights_are_file_backed_then_resident(folder: Path) -> None:
+    model = _load(folder)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        before = model(ids).clone()
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    mapped = file_backed(model)
+    assert mapped, "the loader no longer memory-maps: this test needs a file-backed model"
+    for name, t in tensors.items():  # agrees with the reference lookup: in a mapping of a checkpoint file or not
+        path = _maps_path(t)
+        assert (name in mapped) == (path is not None and path.startswith(str(folder))), (name, path)
+    nbytes = sum({tensors[n].untyped_storage().data_ptr(): tensors[n].untyped_storage().nbytes()
+                  for n in mapped}.values())
+    params = {n: p for n, p in model.named_parameters()}
+    assert make_resident(model) == nbytes
+    assert file_backed(model) == []
+    assert all(params[n] is p for n, p in model.named_parameters())  # same Parameter objects
+    for t in [*model.parameters(), *model.buffers()]:
+        assert not (_maps_path(t) or "").startswith("/")
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)
+    assert make_resident(model) == 0  # nothing left to copy
+
+
+def test_tied_and_views_share_one_copy(tmp_path: Path) -> None:
+    f = tmp_path / "w.bin"
+    f.write_bytes(torch.arange(64, dtype=torch.float32).numpy().tobytes())
+    with open(f, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = torch.frombuffer(mm, dtype=torch.float32)
+    m = torch.nn.Module()
+    m.a, m.b = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=False)
+    m.a.weight = torch.nn.Parameter(base[:32].view(4, 8), requires_grad=False)
+    m.b.weight = m.a.weight  # tied
+    m.a.register_buffer("tail", base[32:])  # a view of the same storage
+    assert sorted(file_backed(m)) == ["a.tail", "a.weight", "b.weight"]
+    assert make_resident(m) == 64 * 4  # one storage, copied once
+    assert file_backed(m) == [] and m.a.weight is m.b.weight
+    assert m.a.tail.untyped_storage().data_ptr() == m.a.weight.untyped_storage().data_ptr()
+    assert torch.equal(m.a.tail, torch.arange(32, 64, dtype=torch.float32))
+    assert torch.equal(m.a.weight.flatten(), torch.arange(32, dtype=torch.float32))
+
+
+def test_engine_makes_weights_resident_by_default(folder: Path) -> None:
+    model = _load(folder)
+    assert file_backed(model)
+    Engine(model, max_tokens=64, resident=False)
+    assert file_backed(model)  # opted out: left as it was
+    eng = Engine(model, max_tokens=64)
+    assert eng.resident_bytes > 0 and file_backed(model) == []
