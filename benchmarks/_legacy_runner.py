@@ -2,9 +2,9 @@
 benchmarks can time today's engine against them side by side in one run. Not part of dsv2, not
 tested, not to be used for serving; delete it once the comparison is no longer wanted.
 
-Copied from `src/dsv2/engine/runner.py` and `src/dsv2/engine/attention.py` of commit 9512cfe, with
-only the calls adapted to today's APIs (`MLA.absorbed_weights(dtype)`, `dsv2.precision`); the math and
-the order of operations are the old ones:
+Copied from `src/dsv2/engine/runner.py` of commit 9512cfe (the attention kernel `latent_decode` is
+today's, which is the old one), with only the calls adapted to today's APIs
+(`MLA.absorbed_weights(dtype)`, `dsv2.precision`); the math and the order of operations are the old ones:
 
 - `decode`: the old `ModelRunner.decode` with `decode_impl="fast"` (`_decode_hidden` + `_mla`): norms,
   projections and the MLP batched, absorbed latent attention per sequence straight over its rows in
@@ -21,58 +21,17 @@ R rope dim, W row width.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
 import torch
 
+from dsv2.engine.attention import latent_decode
 from dsv2.engine.cache import PagedCache, SeqSlots
 from dsv2.model import MLA, DeepseekV2
 from dsv2.precision import native_low_precision, prepare
 
 
-# ---- old engine/attention.py kernels (9512cfe) --------------------------------------------------------
-def _upcaster(upcast: bool, scratch: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    if not upcast:
-        return lambda k: k
-    if scratch is None:
-        return lambda k: k.float()
-    return lambda k: scratch[: k.shape[0]].copy_(k)
-
-
-def _online_softmax(pieces: Iterable[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]) -> torch.Tensor:
-    m = l_sum = acc = None
-    for s, attend in pieces:
-        m_new = s.amax(dim=-1, keepdim=True) if m is None else torch.maximum(m, s.amax(dim=-1, keepdim=True))
-        p = (s - m_new).exp_()
-        o = attend(p).float()
-        if m is None:
-            l_sum, acc = p.sum(dim=-1, keepdim=True), o
-        else:
-            alpha = (m - m_new).exp_()
-            l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + o
-        m = m_new
-    return acc / l_sum
-
-
-def _latent_decode(q: torch.Tensor, chunks: list[torch.Tensor], c: int, scale: float,
-                   upcast: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """q (H, C+R) against rows (n, C+R) -> latent output (H, C); one chunk: plain softmax."""
-    prep = _upcaster(upcast, scratch)
-    if len(chunks) == 1:
-        k = prep(chunks[0])
-        p = (k @ q.to(k.dtype).T).T.float().mul_(scale).softmax(dim=-1)  # (H,S)
-        return p.to(k.dtype) @ k[:, :c]  # (H,C)
-
-    def pieces() -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
-        for rows in chunks:
-            k = prep(rows)
-            s = (k @ q.to(k.dtype).T).T.float().mul_(scale)  # (H,n)
-            yield s, lambda p, k=k: p.to(k.dtype) @ k[:, :c]  # (H,C)
-
-    return _online_softmax(pieces())
-
-
+# ---- old engine/attention.py helpers (9512cfe) --------------------------------------------------------
+# The per-sequence kernel itself is today's `latent_decode`: since its single-chunk fused-softmax path was
+# restored it computes exactly what 9512cfe's did (same ops, same order), so it is imported, not copied.
 def _decode_chunks(cache: PagedCache, layer: int, seq: SeqSlots, length: int, chunk: int) -> list[torch.Tensor]:
     out = []
     for start, n in cache.runs(seq, length):
@@ -148,7 +107,7 @@ class LegacyRunner:
         scratch = self.scratch()
         for j, s in enumerate(seqs):
             chunks = _decode_chunks(self.cache, i, s, s.length + 1, self.decode_chunk)
-            o_lat[:, j] = _latent_decode(q_full[:, j], chunks, c, attn.scale, self.upcast, scratch)
+            o_lat[:, j] = latent_decode(q_full[:, j], chunks, c, attn.scale, self.upcast, scratch)
         o = torch.bmm(o_lat, w_uv_t)  # (H,B,Dv)
         return o.transpose(0, 1).reshape(b, 1, -1).to(h.dtype)  # (B,1,H*Dv)
 
