@@ -10,6 +10,8 @@ per sequence (see that module's docstring for the policy). It holds no state acr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dsv2.engine.attention import (
@@ -92,11 +94,8 @@ class PagedBackend:
         if s.ctx and denom > 0 and s.q_len * denom < c * (attn.d_nope + attn.d_v):
             acc = self._absorbed_prefix(attn, layer, s, q_nope, q_pe, ranges[:-1])
             ranges = ranges[-1:]
-        for a, b, causal in ranges:
-            rows = self._rows(layer, s, a, b).to(q.dtype)  # (n,C+R)
-            k, v = attn.expand_kv(rows[None, :, :c], rows[None, :, c:])  # (1,H,n,E)
-            o, lse = sdpa_lse(q, k, v, attn.scale, causal)
-            acc = merge_lse(acc, o[..., : attn.d_v], lse)  # V was padded to E: keep the first Dv
+        acc = self._expanded(layer, s, q, ranges, lambda r: attn.expand_kv(r[None, :, :c], r[None, :, c:]),
+                             attn.scale, attn.d_v, acc)  # V is padded to E: keep the first Dv
         return acc[0][0].to(q.dtype).transpose(0, 1).flatten(1)  # (H,T,Dv) -> (T,H*Dv)
 
     def _absorbed_prefix(self, attn: MLA, layer: int, s: SeqSpan, q_nope: torch.Tensor, q_pe: torch.Tensor,
@@ -111,6 +110,17 @@ class PagedBackend:
             acc = merge_lse(acc, o, lse)
         o = attn.absorbed_output(acc[0].to(cdt)).view(s.q_len, attn.n_heads, attn.d_v)  # (T,H,Dv)
         return o.float().transpose(0, 1)[None], acc[1].transpose(0, 1)[None]
+
+    def _expanded(self, layer: int, s: SeqSpan, q: torch.Tensor, ranges: list[tuple[int, int, bool]],
+                  to_kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], scale: float, d_out: int,
+                  acc: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (1,H,T,E) attended over each key range's rows turned into k, v (1,H,n,E) by `to_kv`, merged
+        by log-sum-exp into `acc`: (out (1,H,T,d_out) fp32, lse (1,H,T))."""
+        for a, b, causal in ranges:
+            k, v = to_kv(self._rows(layer, s, a, b).to(q.dtype))
+            o, lse = sdpa_lse(q, k, v, scale, causal)
+            acc = merge_lse(acc, o[..., :d_out], lse)
+        return acc
 
     def _rows(self, layer: int, s: SeqSpan, a: int, b: int) -> torch.Tensor:
         """Rows (b-a, W) of tokens [a, b) of a sequence as one tensor (a copy only across block runs)."""
@@ -138,11 +148,13 @@ class PagedBackend:
             s = self.meta.spans[i]
             sl = slice(s.q_start, s.q_start + s.q_len)
             qq = q0[sl].transpose(0, 1)[None]  # (1,H,T,Dh)
-            acc = None
-            for a, b, causal in self._key_ranges(s):
-                kk, vv = self._rows(layer_idx, s, a, b).to(qq.dtype).chunk(2, dim=-1)  # (n,Hkv*Dh) each
-                kk, vv = (t.unflatten(-1, (attn.n_kv, attn.d_h)).transpose(0, 1)[None]
-                          .repeat_interleave(attn.n_heads // attn.n_kv, dim=1) for t in (kk, vv))  # (1,H,n,Dh)
-                acc = merge_lse(acc, *sdpa_lse(qq, kk, vv, attn.scale, causal))
+            acc = self._expanded(layer_idx, s, qq, self._key_ranges(s), lambda r: self._heads(attn, r),
+                                 attn.scale, attn.d_h)
             out[sl] = acc[0][0].to(out.dtype).transpose(0, 1).flatten(1)
         return out[None]
+
+    @staticmethod
+    def _heads(attn: GQA, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Baseline rows (n, 2·Hkv·Dh) -> k, v (1,H,n,Dh), each K/V head repeated for its G query heads."""
+        return tuple(t.unflatten(-1, (attn.n_kv, attn.d_h)).transpose(0, 1)[None]
+                     .repeat_interleave(attn.n_heads // attn.n_kv, dim=1) for t in rows.chunk(2, dim=-1))

@@ -71,7 +71,7 @@ class ModelRunner:
             start = len(ids)
             ids.extend(w.tokens)
             pos.extend(range(w.num_computed, w.num_computed + len(w.tokens)))
-            rows = {"last": [len(ids) - 1], "all": list(range(start, len(ids))), "none": []}[w.logits]
+            rows = [len(ids) - 1] if w.logits == "last" else list(range(start, len(ids))) if w.logits == "all" else []
             pick.extend(rows)
             sizes.append(len(rows))
         meta = StepMetadata(self.cache, [w.block_table for w in work], [w.num_computed for w in work],
