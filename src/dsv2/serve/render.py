@@ -13,7 +13,7 @@ from typing import Any
 
 from dsv2.engine.detok import REPLACEMENT
 from dsv2.engine.sampling import TokenLogprob
-from dsv2.train.data import _bytes_to_unicode
+from dsv2.train.data import byte_level_chars
 
 
 class TokenText:
@@ -21,7 +21,7 @@ class TokenText:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self._byte_of = byte_level_chars()
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, tid: int) -> tuple[str, list[int]]:

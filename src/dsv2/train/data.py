@@ -138,7 +138,7 @@ def save_tokenizer(tok, folder: str | Path) -> None:
 
 def bytes_per_token(tok) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (0 for special tokens): the denominator of bits/byte."""
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of = byte_level_chars()
     specials = {tok.token_to_id(s) for s in SPECIAL_TOKENS} | set(special_ids(tok))
     n = tok.get_vocab_size()
     out = torch.zeros(n, dtype=torch.int64)
@@ -153,6 +153,12 @@ def bytes_per_token(tok) -> torch.Tensor:
         else:
             out[i] = len(tok.decode([i], skip_special_tokens=False).encode("utf-8"))
     return out
+
+
+def byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's vocab characters -> the byte each stands for (a token string of only such
+    characters is that many raw bytes)."""
+    return {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
