@@ -52,7 +52,10 @@ def test_loaded_weights_are_file_backed_then_resident(folder: Path) -> None:
     nbytes = sum({tensors[n].untyped_storage().data_ptr(): tensors[n].untyped_storage().nbytes()
                   for n in mapped}.values())
     params = {n: p for n, p in model.named_parameters()}
-    assert make_resident(model) == nbytes
+    emb = tensors["embed_tokens.weight"].untyped_storage()
+    assert make_resident(model) == nbytes - emb.nbytes()  # the embedding table stays mapped by default
+    assert file_backed(model) == ["embed_tokens.weight"]
+    assert make_resident(model, keep_embeddings_mapped=False) == emb.nbytes()
     assert file_backed(model) == []
     assert all(params[n] is p for n, p in model.named_parameters())  # same Parameter objects
     for t in [*model.parameters(), *model.buffers()]:
@@ -87,4 +90,14 @@ def test_engine_makes_weights_resident_by_default(folder: Path) -> None:
     Engine(model, max_tokens=64, resident=False)
     assert file_backed(model)  # opted out: left as it was
     eng = Engine(model, max_tokens=64)
-    assert eng.resident_bytes > 0 and file_backed(model) == []
+    assert eng.resident_bytes > 0 and file_backed(model) == ["embed_tokens.weight"]  # read a row per token
+
+
+def test_a_tied_embedding_is_copied(tmp_path: Path) -> None:
+    """An embedding tied to lm_head is read whole every step: it is copied like any other weight."""
+    m = DeepseekV2(ModelConfig.from_preset("tiny", tie_word_embeddings=True), dtype=torch.float32)
+    m.save_pretrained(tmp_path)
+    model = _load(tmp_path)
+    assert model.lm_head.weight is model.embed_tokens.weight and "embed_tokens.weight" in file_backed(model)
+    assert make_resident(model) > 0
+    assert file_backed(model) == []

@@ -116,11 +116,15 @@ class CpuExperts(Experts):
         out = upcast_dtype(x)
         if out is None:
             return super().forward(x, idx, weight, keep)
-        token, order, counts = self.plan(idx, keep)
         if not torch.is_grad_enabled() and x.dtype == self.gate_proj.dtype and not torch.is_autocast_enabled("cpu"):
+            if x.shape[0] == 1 and keep is None:  # one token: GEMVs as stored (<= GEMV_ROWS rows each)
+                return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj,
+                                      out_dtype=torch.float32).to(out)
+            token, order, counts = self.plan(idx, keep)
             y = self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
                               upcast_rows=self.GEMV_ROWS)
             return y.to(out)
+        token, order, counts = self.plan(idx, keep)
         with torch.autocast("cpu", enabled=False):
             y = self.dispatch(x.float(), token, order, counts, weight,
                               self.gate_proj.float(), self.up_proj.float(), self.down_proj.float())
@@ -130,17 +134,22 @@ class CpuExperts(Experts):
 _SWAPS: dict[type, type] = {nn.Linear: CpuLinear, Experts: CpuExperts}
 
 
-def prepare(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+def prepare(model: nn.Module, device: torch.device | str | None = None,
+            autocast: torch.dtype | None = None) -> nn.Module:
     """Apply the CPU low-precision policy to `model` in place (and return it).
 
     Swaps the class of every plain `nn.Linear` and `Experts` (parameters, hooks and state-dict keys are
-    untouched, so optimizers, checkpoints and parallel wrappers see the same module). Does nothing when
-    `device` (default: where the model's parameters are) is not a CPU lacking native bf16/fp16 GEMMs.
-    Quantised or otherwise specialised modules are left alone. Idempotent.
+    untouched, so optimizers, checkpoints and parallel wrappers see the same module) when the model will
+    run matmuls in a low-precision dtype that `device` (default: where the model's parameters are) lacks
+    native support for: the dtype of its floating parameters, or `autocast` (the dtype a training loop
+    autocasts to). Does nothing otherwise (an fp32 model, a CPU with native bf16 GEMMs for a bf16 model,
+    another device), so such models keep plain modules and pay no per-call policy check. Quantised or
+    otherwise specialised modules are left alone. Idempotent.
     """
     p = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
-    if dev.type != "cpu" or (native_low_precision(dev, torch.bfloat16) and native_low_precision(dev, torch.float16)):
+    dtypes = {t.dtype for t in model.parameters() if t.is_floating_point()} | ({autocast} if autocast else set())
+    if all(native_low_precision(dev, dt) for dt in dtypes):
         return model
     for m in model.modules():
         new = _SWAPS.get(type(m))

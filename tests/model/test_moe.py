@@ -299,3 +299,26 @@ def test_moe_layer_matches_float64_reference(overrides: dict) -> None:
                                        w["experts.down_proj"][e])
             want[b, t] = out
     assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_inference_path_equals_the_sorted_dispatch(dtype: torch.dtype) -> None:
+    """A decode token skips sort / gather / scatter (Experts.one_token), yet adds the same picks in the same
+    order: bitwise the sorted dispatch's result (forced by passing keep), for the plain module and the CPU
+    policy's, and close to the per-token reference."""
+    plain = _experts().to(dtype)
+    policy = CpuExperts(8, 16, 12).to(dtype)
+    policy.load_state_dict(plain.state_dict())
+    for ex in (plain, policy):
+        for seed in range(5):
+            g = torch.Generator().manual_seed(seed)
+            x, r = torch.randn(1, 16, generator=g).to(dtype), route(torch.randn(1, 8, generator=g), 3)
+            with torch.no_grad():
+                got = ex(x, r.idx, r.weight)
+                want = ex(x, r.idx, r.weight, torch.ones_like(r.idx, dtype=torch.bool))  # the sorted path
+            assert got.dtype == dtype and torch.equal(got, want)
+            ref = _experts().double()
+            ref.load_state_dict({k: v.double() for k, v in plain.state_dict().items()})
+            with torch.no_grad():
+                assert rel_err(got, ref.forward_reference(x.double(), r.idx, r.weight.double())) <= (
+                    1e-5 if dtype == torch.float32 else 3e-2)

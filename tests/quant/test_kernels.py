@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from dsv2.model.moe import Experts
-from dsv2.quant import QuantError, QuantExperts, QuantLinear
+from dsv2.quant import QuantError, QuantExperts, QuantLinear, native
 from dsv2.quant.kernels import (
     INT4_DEQUANT_ROWS,
     INT8_DEQUANT_ROWS,
+    Int4Weight,
     pack_int4,
     quantize_int4,
     quantize_int8,
@@ -23,6 +24,18 @@ from dsv2.quant.kernels import (
 )
 
 GEN = torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True, params=["C", "torch"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with dsv2's C kernels (when this machine can build them) and without."""
+    if request.param == "torch":
+        monkeypatch.setenv("DSV2_NATIVE_KERNELS", "0")
+    native.reset()
+    if request.param == "C" and native.library() is None:
+        pytest.skip("no C compiler: the C kernels cannot be built here")
+    yield request.param
+    native.reset()
 
 
 def _w(n: int, k: int) -> torch.Tensor:
@@ -149,3 +162,59 @@ def test_dequantised_weight_is_what_the_kernel_multiplies_by() -> None:
     eye = torch.eye(256)
     via_kernel = torch.cat([q(eye[i:i + 64]) for i in range(0, 256, 64)]).T  # (N,K); 64 rows: the kernel path
     assert torch.allclose(q.weight, via_kernel, atol=1e-6)
+
+
+# ---- the C kernels on their own, at the shapes where their code paths split ----------------------------
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_c_int8_gemv_and_dequant_match_float64(kernels: str, scale_dtype: torch.dtype) -> None:
+    """Rows not a multiple of 4, columns not a multiple of the vector width, 1..9 activation rows."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    q, s = quantize_int8(_w(37, 104))
+    s = s.to(scale_dtype)
+    deq = q.double() * s.double()[:, None]
+    for m in range(1, 10):
+        x = _x(m, 104, torch.float32)
+        ref = x.double() @ deq.T
+        assert (native.int8_gemv(lib, x, q, s).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for dt in (torch.float32, torch.bfloat16):
+        out = torch.full((20, 104), float("nan"), dtype=dt)
+        native.int8_dequant(lib, q, s, 11, 31, out)
+        # fp32: one rounding of q·s, as the reference's; bf16: that, then one more (may differ by an ulp)
+        torch.testing.assert_close(out.double(), deq[11:31].to(dt).double(),
+                                   rtol=0 if dt == torch.float32 else 8e-3, atol=0)
+
+
+@pytest.mark.parametrize("n", [64, 80, 112, 176])  # whole 64-row blocks, and a last block of 16 / 48 rows
+def test_c_int4_gemv_and_dequant_match_float64(kernels: str, n: int) -> None:
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    for group, dt in ((32, torch.float32), (64, torch.bfloat16)):
+        w4 = Int4Weight.quantize(_w(n, 192), group, dt)
+        deq = w4.dequantize(torch.float64)  # the float64 reference of the stored codes and scales
+        for m in (1, 3, 4, 6):
+            x = _x(m, 192, torch.float32)
+            ref = x.double() @ deq.T
+            got = native.int4_gemv(lib, x, w4.packed, w4.scales_and_zeros, group)[:, :n]
+            assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (m, group)
+        for out_dt in (torch.float32, torch.bfloat16):
+            out = torch.full((n - 9, 192), float("nan"), dtype=out_dt)
+            native.int4_dequant(lib, w4.packed, w4.scales_and_zeros, group, 5, n - 4, out)
+            torch.testing.assert_close(out.double(), deq[5:n - 4].to(out_dt).double(),
+                                       rtol=1e-6 if out_dt == torch.float32 else 8e-3, atol=1e-7)
+
+
+def test_c_library_that_cannot_be_built_falls_back_with_a_warning(kernels: str, monkeypatch, tmp_path) -> None:
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    monkeypatch.setenv("CC", "false")  # a 'compiler' that always fails
+    monkeypatch.setenv("DSV2_CACHE", str(tmp_path))
+    native.reset()
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert native.library() is None
+    q, s = quantize_int8(_w(8, 64))
+    x = _x(2, 64, torch.float32)
+    torch.testing.assert_close(QuantLinear.from_weight(q.float() * s[:, None], None, "int8", dtype=torch.float32)(x),
+                               x @ (q.float() * s[:, None]).T, rtol=1e-5, atol=1e-5)

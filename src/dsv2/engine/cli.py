@@ -58,7 +58,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached blocks of shared prefixes")
     p.add_argument("--show-config", action="store_true", help="print the engine's settings (EngineConfig) first")
     p.add_argument("--no-resident", action="store_true", help="leave memory-mapped weights as file pages "
-                   "(default: copy them into RAM, so that the page cache cannot evict them between steps)")
+                   "(default: copy them into RAM, so that the page cache cannot evict them between steps; "
+                   "the token embedding, read a row per token, stays mapped)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, capped at "
                    "the cores idle now: more threads than idle cores make every step wait for the slowest)")
 

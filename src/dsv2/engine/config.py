@@ -36,7 +36,7 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse cached full blocks of identical prompt prefixes
     allocation: str = "on_demand"  # on_demand (blocks as tokens arrive) | reserve (prompt + max_new_tokens up front)
     watermark: float = 0.01  # fraction of blocks admission leaves free for running requests to grow into
-    resident: bool = True  # copy memory-mapped (file-backed) weights into RAM first (dsv2.resident)
+    resident: bool = True  # copy memory-mapped weights (not the embedding) into RAM first
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:

@@ -135,8 +135,24 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (N,D), idx/weight (N,K) -> Σ_k weight·expert_idx(x), (N,D). keep (N,K) bool skips picks."""
+        if x.shape[0] == 1 and keep is None and not torch.is_grad_enabled():
+            return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj)
         token, order, counts = self.plan(idx, keep)
         return self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj)
+
+    @staticmethod
+    def one_token(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
+                  wd: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`dispatch` for one token (inference) without its sort, gather and scatter, and with the same
+        arithmetic: each pick's output times its weight in the output's dtype, summed by ascending expert
+        in fp32 (as index_add_ does), returned in out_dtype (default x's). x (1,D), idx/weight (1,K)."""
+        picks = sorted(zip(idx[0].tolist(), weight[0].unbind(0)), key=lambda p: p[0])
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, w in picks:
+            y = F.linear(F.silu(F.linear(x, wg[e])) * F.linear(x, wu[e]), wd[e])
+            y = y if out_dtype is None else y.to(out_dtype)
+            acc += (y * w.to(y.dtype)).float()
+        return acc.to(out_dtype or x.dtype)
 
     @staticmethod
     def dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
@@ -145,8 +161,9 @@ class Experts(nn.Module):
         """Σ_k weight·expert(x) over the sorted picks. upcast_rows (a platform policy's hook): experts with
         more rows than that compute in fp32, the others as stored; the result is then fp32."""
         xs = x[token]  # (P,D) picks grouped by expert
-        # unbind, not wg[e]: indexing would give each expert's gradient as a full (E,I,D) tensor in backward
-        wg, wu, wd = wg.unbind(0), wu.unbind(0), wd.unbind(0)
+        if torch.is_grad_enabled():
+            # unbind, not wg[e]: indexing would give each expert's gradient as a full (E,I,D) tensor in backward
+            wg, wu, wd = wg.unbind(0), wu.unbind(0), wd.unbind(0)
         outs = []
         for e, xe in enumerate(xs.split(counts)):
             if not counts[e]:

@@ -75,13 +75,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Rotary(torch.nn.Module):
-    """Holds no parameters: derives cos/sin for any positions from the config on demand."""
+    """Holds no parameters: derives cos/sin for any positions from the config on demand.
+
+    On the CPU the rows are looked up in a table of positions 0..P-1 (P a power of two, grown as larger
+    positions arrive), built by `rope_cos_sin` itself: a decode step then costs two row gathers instead of
+    recomputing the angles. Elsewhere they are computed per call (growing the table would need the
+    largest position on the host)."""
+
+    MIN_TABLE = 256
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.dim = rope_dim(cfg)
         self.inv_freq = rope_inv_freq(self.dim, cfg.rope_theta, cfg.rope_scaling)  # plain attribute: no
         self.amplitude = rope_amplitude(cfg.rope_scaling)  # buffer, so meta-device builds stay exact
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (P, R/2), CPU
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(self.inv_freq, positions, self.amplitude)
+        if positions.device.type != "cpu" or positions.numel() == 0 or torch.compiler.is_compiling():
+            return rope_cos_sin(self.inv_freq, positions, self.amplitude)
+        lo, hi = (int(v) for v in torch.aminmax(positions))
+        if lo < 0:  # negative positions are not rows of the table: the formula says what they mean
+            return rope_cos_sin(self.inv_freq, positions, self.amplitude)
+        need = hi + 1
+        if self._table is None or self._table[0].shape[0] < need:
+            size = max(self.MIN_TABLE, 1 << (need - 1).bit_length())
+            self._table = rope_cos_sin(self.inv_freq, torch.arange(size), self.amplitude)
+        cos, sin = self._table
+        return cos[positions], sin[positions]

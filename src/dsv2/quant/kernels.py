@@ -16,17 +16,24 @@ int4: asymmetric per group of g input features. scale = (max - min) / 15, q = ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from dsv2.quant import native
+
 GROUP_SIZES = (32, 64, 128, 256)
 _ROWS = 4096  # rows quantised at a time: bounds the fp32 temporaries for a (102400, 2048) lm_head
-# above this many activation rows, dequantising an int8 weight and running the dense GEMM is faster
-# than the int8 kernel (which costs ~one weight pass per ~8 rows on CPU)
-INT8_DEQUANT_ROWS = 128
-INT4_DEQUANT_ROWS = 192  # for int4 (unpacking costs more than an int8 cast)
+# Above this many activation rows a weight is dequantised a panel at a time and multiplied by the dense
+# GEMM: the one-row kernels cost about one pass over the weight per row (aten's per 1-4 rows, dsv2's C
+# kernel per 4), the GEMM a fraction of one. With the C library the panels are dequantised in C (int8:
+# ~8 bytes/ns, int4: ~1.5 weights/ns per core); without it in PyTorch, whole, which pays off later.
+INT8_DEQUANT_ROWS = 16
+INT4_DEQUANT_ROWS = 48
+_FALLBACK_DEQUANT_ROWS = {"int8": 128, "int4": 192}
+_PANEL = 1 << 20  # weight elements dequantised per panel (2 MiB in bf16: stays in the L2/L3 cache)
 
 
 class QuantError(ValueError):
@@ -58,11 +65,39 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.to(dtype) * scale.to(dtype)[:, None]).to(dtype)
 
 
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a dense GEMM on x's rows runs in: x's where that is native, else fp32 (AVX2 and bf16)."""
+    from dsv2.precision import native_low_precision
+
+    return x.dtype if native_low_precision(x.device, x.dtype) else torch.float32
+
+
+def panel_mm(x: torch.Tensor, n: int, dequant: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x (M,K) @ Wᵀ -> (M,n) in x.dtype, for a weight W (n,K) that `dequant(r0, r1, out)` writes rows of:
+    a panel of rows at a time into one reused buffer (cache-sized), each multiplied by the dense GEMM."""
+    dt = _gemm_dtype(x)
+    k = x.shape[1]
+    xt = x.to(dt).t()  # (K,M)
+    rows = max(64, _PANEL // k // 64 * 64)
+    buf = torch.empty(min(rows, n), k, dtype=dt, device=x.device)
+    yt = torch.empty(n, x.shape[0], dtype=dt, device=x.device)  # (N,M): each panel's rows are contiguous
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        torch.mm(dequant(r0, r1, buf[: r1 - r0]), xt, out=yt[r0:r1])
+    return yt.t().to(x.dtype).contiguous()
+
+
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M,K) @ dequant(q)ᵀ -> (M,N) in x.dtype; scale must be in x.dtype."""
-    if x.shape[0] > INT8_DEQUANT_ROWS:
-        return F.linear(x, dequantize_int8(q, scale, x.dtype))
-    return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+    lib = native.library() if native.supports(x, scale) else None
+    if lib is None:
+        if x.shape[0] > _FALLBACK_DEQUANT_ROWS["int8"]:
+            return F.linear(x, dequantize_int8(q, scale, x.dtype))
+        return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+    q, scale = q.contiguous(), scale.contiguous()
+    if x.shape[0] <= INT8_DEQUANT_ROWS:
+        return native.int8_gemv(lib, x, q, scale).to(x.dtype)
+    return panel_mm(x, q.shape[0], lambda r0, r1, out: native.int8_dequant(lib, q, scale, r0, r1, out))
 
 
 # ---- int4 -------------------------------------------------------------------------------------
@@ -156,7 +191,17 @@ class Int4Weight:
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M,K) -> (M,N) in x.dtype (scales_and_zeros must be in x.dtype)."""
-        if x.shape[0] > INT4_DEQUANT_ROWS:
+        lib = native.library() if native.supports(x, self.scales_and_zeros) else None
+        if lib is not None and x.shape[0] > INT4_DEQUANT_ROWS:
+            packed, sz, g, kp = self.packed.contiguous(), self.scales_and_zeros.contiguous(), self.group_size, \
+                self.packed.shape[1] * 2
+
+            def dequant(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+                full = torch.empty(r1 - r0, kp, dtype=out.dtype) if kp != self.k else out
+                native.int4_dequant(lib, packed, sz, g, r0, r1, full)
+                return full if full is out else out.copy_(full[:, : self.k])
+            return panel_mm(x, self.n, dequant)
+        if lib is None and x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"]:
             return F.linear(x, self.dequantize(x.dtype))
         kp = self.packed.shape[1] * 2
         if kp > self.k:

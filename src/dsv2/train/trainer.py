@@ -260,7 +260,7 @@ def build_model(p: Prepared, device: torch.device) -> nn.Module:
         model = DeepseekV2.from_pretrained(p.resume_dir, dtype=torch.float32, device=device)
     else:
         model = DeepseekV2(p.cfg, device=device, dtype=torch.float32)
-    return prepare(model.train())
+    return prepare(model.train(), autocast=torch.bfloat16 if p.args.dtype == "bf16" else None)
 
 
 def _rng_state(drop_gen: torch.Generator) -> dict[str, Any]:

@@ -1,0 +1,301 @@
+/* dsv2's int8 / int4 weight kernels for the CPU: plain C, compiled on first use by dsv2/quant/native.py
+ * (cc -O3 -march=native -fopenmp) and called through ctypes. The pure-PyTorch path (aten's
+ * _weight_int8pack_mm / _weight_int4pack_mm_for_cpu) is used wherever this library cannot be built.
+ *
+ * Shapes: M activation rows, N output features (rows of the weight), K input features, g int4 group.
+ * Weights use the layouts dsv2/quant/kernels.py stores:
+ *   int8: q (N, K) int8 row-major, scale (N,): w = q * scale.
+ *   int4: aten's CPU pack, packed (Np, Kp/2) uint8 with Np % 16 == 0: rows in blocks of 64, each block a
+ *         (Kp, 32) byte array whose low nibbles are rows 0..31 and high nibbles rows 32..63 of the block;
+ *         a last block of t < 64 rows is a (Kp, t/2) array with row 2j in the low and row 2j+1 in the high
+ *         nibble of byte j. sz (Kp/g, Np, 2) = (scale, zero): w = (q - 8) * scale + zero.
+ * Scales are fp32 or bf16 (flag *_bf16), activations fp32, results fp32 (GEMV) or fp32 / bf16 (dequant).
+ */
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf2f(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even (weights are finite) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load(const void *p, int64_t i, int is_bf16) {
+    return is_bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* ---- int8 ------------------------------------------------------------------------------------ */
+
+/* Vector helpers: VW fp32 lanes (AVX512: 16, AVX2: 8), with a scalar fallback of VW 1. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VW 16
+#define MC 4 /* activation rows per pass: 4 x (64 / 16) accumulators fit the 32 registers */
+typedef __m512 vf;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline void vstore(float *p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf cvt_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vf cvt_nib(const uint8_t *p, int shift) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VW 8
+#define MC 1 /* 16 registers: one activation row's 8 accumulators per pass */
+typedef __m256 vf;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static inline void vstore(float *p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf cvt_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vf cvt_nib(const uint8_t *p, int shift) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15)));
+}
+#else
+#define VW 1
+#define MC 1
+typedef float vf;
+static inline vf vzero(void) { return 0.f; }
+static inline vf vset1(float a) { return a; }
+static inline vf vload(const float *p) { return *p; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline float vsum(vf a) { return a; }
+static inline void vstore(float *p, vf a) { *p = a; }
+static inline vf cvt_i8(const int8_t *p) { return (float)*p; }
+static inline vf cvt_nib(const uint8_t *p, int shift) { return (float)((*p >> shift) & 15); }
+#endif
+
+/* One (4 weight rows) x (mc activation rows) tile of the int8 GEMV; mc is a constant after inlining. */
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *const *qr, const float *const *xr,
+                                                             int mc, int64_t K, float out[4][4]) {
+    const int64_t kv = K / VW * VW;
+    vf acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < mc; j++) acc[i][j] = vzero();
+    for (int64_t k = 0; k < kv; k += VW) {
+        vf w[4];
+        for (int i = 0; i < 4; i++) w[i] = cvt_i8(qr[i] + k);
+        for (int j = 0; j < mc; j++) {
+            vf xv = vload(xr[j] + k);
+            for (int i = 0; i < 4; i++) acc[i][j] = vfma(w[i], xv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < mc; j++) {
+            float a = vsum(acc[i][j]);
+            for (int64_t k = kv; k < K; k++) a += xr[j][k] * (float)qr[i][k];
+            out[i][j] = a;
+        }
+}
+
+/* y (M, N) = x (M, K) @ (q * scale)^T. Weight rows in fours, activation rows in up to fours: every
+ * weight vector is converted once per pass and every activation vector loaded once per 4 weight rows
+ * (a short last group of weight rows repeats its last row; the repeats are not written). */
+void dsv2_int8_gemv(const float *x, const int8_t *q, const void *scale, int scale_bf16, float *y,
+                    int64_t M, int64_t N, int64_t K, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const int8_t *qr[4];
+        for (int i = 0; i < 4; i++) qr[i] = q + (n0 + i < N ? n0 + i : N - 1) * K;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const float *xr[4];
+            const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
+            for (int j = 0; j < mc; j++) xr[j] = x + (m0 + j) * K;
+            float out[4][4];
+            switch (mc) {
+                case 1: int8_tile(qr, xr, 1, K, out); break;
+                case 2: int8_tile(qr, xr, 2, K, out); break;
+                case 3: int8_tile(qr, xr, 3, K, out); break;
+                default: int8_tile(qr, xr, 4, K, out); break;
+            }
+            for (int i = 0; i < 4 && n0 + i < N; i++) {
+                const float s = load(scale, n0 + i, scale_bf16);
+                for (int j = 0; j < mc; j++) y[(m0 + j) * N + n0 + i] = out[i][j] * s;
+            }
+        }
+    }
+}
+
+/* rows [r0, r1) of q * scale into out ((r1 - r0), K), fp32 or bf16 */
+void dsv2_int8_dequant(const int8_t *q, const void *scale, int scale_bf16, void *out, int out_bf16,
+                       int64_t r0, int64_t r1, int64_t K, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *qr = q + r * K;
+        const float s = load(scale, r, scale_bf16);
+        if (out_bf16) {
+            uint16_t *o = (uint16_t *)out + (r - r0) * K;
+            for (int64_t k = 0; k < K; k++) o[k] = f2bf((float)qr[k] * s);
+        } else {
+            float *o = (float *)out + (r - r0) * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; k++) o[k] = (float)qr[k] * s;
+        }
+    }
+}
+
+/* ---- int4 ------------------------------------------------------------------------------------ */
+
+/* y (M, Np) = x (M, Kp) @ W^T with W = (q - 8) * scale + zero per group of g columns.
+ * Per group: x . w_r = scale_r * (sum_k x_k q_rk - 8 sum_k x_k) + zero_r * sum_k x_k, so the inner loop
+ * is a plain dot product with the 4-bit codes. A full 64-row block keeps its 64 sums in registers
+ * (64 / VW vectors per activation row, MC rows per pass); a last block of fewer rows goes scalar. */
+#define NV (64 / VW)
+static inline __attribute__((always_inline)) void int4_block(const uint8_t *bp, const float *const *xr, int mc,
+                                                              int64_t k0, int64_t g, float sums[MC][64]) {
+    vf acc[MC][NV];
+    for (int j = 0; j < mc; j++)
+        for (int v = 0; v < NV; v++) acc[j][v] = vzero();
+    for (int64_t k = k0; k < k0 + g; k++) {
+        const uint8_t *c = bp + k * 32;
+        for (int v = 0; v < NV; v++) {
+            /* vector v holds rows v*VW..: low nibbles for the block's first 32 rows, high ones after */
+            const vf w = cvt_nib(c + (v * VW) % 32, v * VW < 32 ? 0 : 4);
+            for (int j = 0; j < mc; j++) acc[j][v] = vfma(w, vset1(xr[j][k]), acc[j][v]);
+        }
+    }
+    for (int j = 0; j < mc; j++)
+        for (int v = 0; v < NV; v++) vstore(&sums[j][v * VW], acc[j][v]);
+}
+
+void dsv2_int4_gemv(const float *x, const uint8_t *packed, const void *sz, int sz_bf16, float *y,
+                    int64_t M, int64_t Np, int64_t Kp, int64_t g, int nthreads) {
+    const int64_t full = Np / 64, groups = Kp / g;
+    const int64_t nblocks = full + (Np > full * 64 ? 1 : 0);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t r0 = b * 64, rows = b < full ? 64 : Np - full * 64;
+        for (int64_t m0 = 0; m0 < M; m0 += MC) {
+            const int mc = M - m0 < MC ? (int)(M - m0) : MC;
+            float out[MC][64];
+            memset(out, 0, sizeof out);
+            const float *xr[MC];
+            for (int j = 0; j < mc; j++) xr[j] = x + (m0 + j) * Kp;
+            for (int64_t gi = 0; gi < groups; gi++) {
+                const int64_t k0 = gi * g;
+                float sums[MC][64], sx[MC];
+                for (int j = 0; j < mc; j++) {
+                    float t = 0.f;
+                    for (int64_t k = k0; k < k0 + g; k++) t += xr[j][k];
+                    sx[j] = t;
+                }
+                if (rows == 64) {
+                    const uint8_t *bp = packed + b * 32 * Kp;
+                    switch (mc) {
+#if MC >= 4
+                        case 4: int4_block(bp, xr, 4, k0, g, sums); break;
+                        case 3: int4_block(bp, xr, 3, k0, g, sums); break;
+                        case 2: int4_block(bp, xr, 2, k0, g, sums); break;
+#endif
+                        default: int4_block(bp, xr, 1, k0, g, sums); break;
+                    }
+                } else {
+                    const int64_t half = rows / 2;
+                    const uint8_t *bp = packed + full * 32 * Kp;
+                    for (int j = 0; j < mc; j++) {
+                        for (int64_t r = 0; r < rows; r++) sums[j][r] = 0.f;
+                        for (int64_t k = k0; k < k0 + g; k++) {
+                            const float xv = xr[j][k];
+                            const uint8_t *c = bp + k * half;
+                            for (int64_t i = 0; i < half; i++) {
+                                sums[j][2 * i] += xv * (float)(c[i] & 15);
+                                sums[j][2 * i + 1] += xv * (float)(c[i] >> 4);
+                            }
+                        }
+                    }
+                }
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t i = (gi * Np + r0 + r) * 2;
+                    const float s = load(sz, i, sz_bf16), z = load(sz, i + 1, sz_bf16);
+                    for (int j = 0; j < mc; j++) out[j][r] += s * (sums[j][r] - 8.f * sx[j]) + z * sx[j];
+                }
+            }
+            for (int j = 0; j < mc; j++)
+                for (int64_t r = 0; r < rows; r++) y[(m0 + j) * Np + r0 + r] = out[j][r];
+        }
+    }
+}
+
+/* One dequantised row: codes (Kp,) one per byte, its group scales/zeros, written as fp32 or bf16. */
+static inline void int4_row(const uint8_t *codes, const void *sz, int sz_bf16, int64_t r, int64_t Np, int64_t k0,
+                            int64_t kn, int64_t g, void *out, int out_bf16) {
+    for (int64_t k = k0; k < k0 + kn; k += g) {
+        const int64_t i = ((k / g) * Np + r) * 2;
+        const float s = load(sz, i, sz_bf16), base = load(sz, i + 1, sz_bf16) - 8.f * s;
+        const uint8_t *c = codes + (k - k0);
+        if (out_bf16) {
+            uint16_t *o = (uint16_t *)out + k;
+#pragma omp simd
+            for (int64_t kk = 0; kk < g; kk++) o[kk] = f2bf((float)c[kk] * s + base);
+        } else {
+            float *o = (float *)out + k;
+#pragma omp simd
+            for (int64_t kk = 0; kk < g; kk++) o[kk] = (float)c[kk] * s + base;
+        }
+    }
+}
+
+/* rows [r0, r1) of the dequantised weight into out ((r1 - r0), Kp), fp32 or bf16. Works a 64-row block
+ * (or the short last block) at a time, in chunks of KC columns (a multiple of g): the chunk's bytes are
+ * transposed into one code row per weight row, then each row is scaled with contiguous loads/stores. */
+#define KC 256
+void dsv2_int4_dequant(const uint8_t *packed, const void *sz, int sz_bf16, void *out, int out_bf16,
+                       int64_t r0, int64_t r1, int64_t Np, int64_t Kp, int64_t g, int nthreads) {
+    const int64_t full = Np / 64, esz = out_bf16 ? 2 : 4;
+    const int64_t kc = g >= KC ? g : KC / g * g;
+    const int64_t b0 = r0 / 64, b1 = (r1 + 63) / 64;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t rows = b < full ? 64 : Np - full * 64, half = rows / 2;
+        const uint8_t *bp = packed + b * 32 * Kp; /* every earlier block is a full one */
+        const int64_t bytes_per_k = b < full ? 32 : half;
+        uint8_t codes[64][KC > 256 ? KC : 256];
+        for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+            const int64_t kn = Kp - k0 < kc ? Kp - k0 : kc;
+            for (int64_t kk = 0; kk < kn; kk++) {
+                const uint8_t *c = bp + (k0 + kk) * bytes_per_k;
+                if (rows == 64) {
+                    for (int j = 0; j < 32; j++) {
+                        codes[j][kk] = c[j] & 15;
+                        codes[32 + j][kk] = c[j] >> 4;
+                    }
+                } else {
+                    for (int64_t j = 0; j < half; j++) {
+                        codes[2 * j][kk] = c[j] & 15;
+                        codes[2 * j + 1][kk] = c[j] >> 4;
+                    }
+                }
+            }
+            for (int64_t j = 0; j < rows; j++) {
+                const int64_t r = b * 64 + j;
+                if (r < r0 || r >= r1) continue;
+                int4_row(codes[j], sz, sz_bf16, r, Np, k0, kn, g, (char *)out + (r - r0) * Kp * esz, out_bf16);
+            }
+        }
+    }
+}

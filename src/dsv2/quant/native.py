@@ -1,0 +1,157 @@
+"""The C int8 / int4 kernels (`_kernels.c`), compiled on first use and called through ctypes.
+
+    lib = native.library()      # None where it cannot be built: callers use the pure-PyTorch kernels
+
+The library is built with the system C compiler (`$CC`, default `cc`) as
+`cc -O3 -march=native -fopenmp -shared -fPIC`, into a cache folder keyed by the source, the compiler
+command and this CPU's feature flags (`$DSV2_CACHE`, default `~/.cache/dsv2`), written atomically so that
+concurrent processes never load a half-written file. It takes about a second; a failed build warns once
+and leaves the PyTorch path in use. `DSV2_NATIVE_KERNELS=0` turns the library off.
+
+It holds no PyTorch code (no torch headers, so no minute-long extension build, and no ABI coupling to a
+torch version): the wrappers below pass raw pointers of contiguous CPU tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_state: dict[str, object] = {}
+
+_i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "dsv2_int8_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
+    "dsv2_int8_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _int],
+    "dsv2_int4_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int],
+    "dsv2_int4_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _i64, _i64, _int],
+}
+
+
+def enabled() -> bool:
+    return os.environ.get("DSV2_NATIVE_KERNELS", "1") not in ("0", "false", "no", "off")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it first if needed; None when disabled or unbuildable."""
+    if not enabled():
+        return None
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    lib = None
+    cc = os.environ.get("CC", "cc")
+    try:
+        if platform.system() != "Linux" or shutil.which(cc) is None:
+            raise OSError(f"no C compiler {cc!r} (or not Linux)")
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_flags().encode())
+        cache = Path(os.environ.get("DSV2_CACHE", Path.home() / ".cache" / "dsv2"))
+        target = cache / "kernels" / key.hexdigest()[:16] / "libdsv2quant.so"
+        if not target.exists():
+            _build(cc, target)
+        lib = ctypes.CDLL(str(target))
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, None
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or ""
+        why = f"{e}: {detail[-500:]}" if detail else str(e)
+        warnings.warn(f"dsv2: the C int8/int4 kernels could not be built ({why}); using PyTorch's kernels",
+                      RuntimeWarning, stacklevel=2)
+        lib = None
+    _state["lib"] = lib
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded library (tests: rebuild under another environment)."""
+    _state.clear()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _scale_flag(t: torch.Tensor) -> int:
+    if t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous():
+        raise TypeError(f"scales must be contiguous fp32 or bf16, got {t.dtype}")
+    return int(t.dtype == torch.bfloat16)
+
+
+def supports(x: torch.Tensor, *scales: torch.Tensor) -> bool:
+    """Whether the C kernels can take these activations and scales (CPU, fp32/bf16)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and all(s.dtype in (torch.float32, torch.bfloat16) for s in scales))
+
+
+def int8_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M,K) any float dtype -> (M,N) fp32 = x @ (q·scale)ᵀ."""
+    xf = x.float().contiguous()
+    q, scale = q.contiguous(), scale.contiguous()
+    m, k = xf.shape
+    n = q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.dsv2_int8_gemv(_ptr(xf), _ptr(q), _ptr(scale), _scale_flag(scale), _ptr(y), m, n, k, torch.get_num_threads())
+    return y
+
+
+def int8_dequant(lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor, r0: int, r1: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Rows [r0, r1) of q·scale into out ((r1-r0), K), fp32 or bf16, contiguous."""
+    lib.dsv2_int8_dequant(_ptr(q), _ptr(scale), _scale_flag(scale), _ptr(out), int(out.dtype == torch.bfloat16),
+                          r0, r1, q.shape[1], torch.get_num_threads())
+    return out
+
+
+def int4_gemv(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
+              ) -> torch.Tensor:
+    """x (M,Kp) -> (M,Np) fp32 for aten's CPU int4 pack (packed (Np,Kp/2), sz (Kp/g,Np,2))."""
+    xf = x.float().contiguous()
+    packed, sz = packed.contiguous(), sz.contiguous()
+    m, kp = xf.shape
+    np_ = packed.shape[0]
+    y = torch.empty(m, np_, dtype=torch.float32)
+    lib.dsv2_int4_gemv(_ptr(xf), _ptr(packed), _ptr(sz), _scale_flag(sz), _ptr(y), m, np_, kp, group_size,
+                       torch.get_num_threads())
+    return y
+
+
+def int4_dequant(lib: ctypes.CDLL, packed: torch.Tensor, sz: torch.Tensor, group_size: int, r0: int, r1: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Rows [r0, r1) of the dequantised (Np, Kp) weight into out ((r1-r0), Kp), fp32 or bf16."""
+    np_, kp = packed.shape[0], packed.shape[1] * 2
+    lib.dsv2_int4_dequant(_ptr(packed), _ptr(sz), _scale_flag(sz), _ptr(out), int(out.dtype == torch.bfloat16),
+                          r0, r1, np_, kp, group_size, torch.get_num_threads())
+    return out
