@@ -96,3 +96,18 @@ def test_rows_round_trip_contiguous_is_zero_copy_and_fragmented_gathers() -> Non
         cache.slots(b, 3, 2)
     with pytest.raises(CacheError, match="whole cache has 6"):
         cache.reserve(33)
+
+
+def test_cpu_pools_hold_memory_only_for_written_blocks() -> None:
+    """A 256 MiB pool is zeros but costs (nearly) no resident memory until blocks are written."""
+    from dsv2.engine.quant import zeros_on_demand
+
+    def rss_mib() -> float:
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+    before = rss_mib()
+    pool = zeros_on_demand((512, 64, 2048), torch.bfloat16, "cpu")  # 512 blocks of 64 rows, 256 MiB
+    assert pool.shape == (512, 64, 2048) and pool.dtype == torch.bfloat16 and pool.is_contiguous()
+    pool[3] = 1.5
+    assert rss_mib() - before < 64
+    assert bool((pool[3] == 1.5).all()) and bool((pool[:3] == 0).all()) and bool((pool[4:40] == 0).all())

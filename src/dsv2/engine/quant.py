@@ -13,6 +13,8 @@ Every stored byte is counted in `bytes_per_row`, scales included, so bytes/token
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,19 @@ _FLOAT = DTYPES
 _QMAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0}
 _SCALE_DTYPE = {"fp8": torch.float32, "int8": torch.float16, "int4": torch.float16}
 DEFAULT_GROUP = {"fp8": 128, "int8": 64, "int4": 32}
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """A zero tensor. On the CPU its memory is an anonymous mapping that the kernel fills with zero pages as
+    they are first written, so a cache pool costs resident memory only for the blocks in use (torch.zeros
+    would write, and so hold, the whole budget at start-up)."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes)  # private anonymous: zero-filled on first touch; the tensor keeps it alive
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class KVFormatError(ValueError):
@@ -131,10 +146,9 @@ class KVFormat:
                  ) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         for s in self.segments:
-            out.append(torch.zeros(num_blocks, block_size, s.data_width, dtype=s.data_dtype, device=device))
+            out.append(zeros_on_demand((num_blocks, block_size, s.data_width), s.data_dtype, device))
             if s.quantised:
-                out.append(torch.zeros(num_blocks, block_size, s.n_groups, dtype=_SCALE_DTYPE[s.kind],
-                                       device=device))
+                out.append(zeros_on_demand((num_blocks, block_size, s.n_groups), _SCALE_DTYPE[s.kind], device))
         return out
 
     def encode(self, rows: torch.Tensor) -> list[torch.Tensor]:
