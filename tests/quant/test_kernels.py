@@ -26,15 +26,31 @@ from dsv2.quant.kernels import (
 GEN = torch.Generator().manual_seed(0)
 
 
-@pytest.fixture(autouse=True, params=["C", "torch"])
-def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs with dsv2's C kernels (when this machine can build them) and without."""
+def _cpu_has(*flags: str) -> bool:
+    try:
+        have = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return all(f in have for f in flags)
+
+
+# the C kernels as built for this CPU, their AVX2 and portable (scalar) variants, and PyTorch's kernels
+BUILDS = {"C": None, "C-avx2": "-mavx2 -mfma", "C-scalar": "", "torch": None}
+
+
+@pytest.fixture(autouse=True, params=list(BUILDS))
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> str:
+    """Every test here runs with each build of dsv2's C kernels this machine can run, and without them."""
     if request.param == "torch":
         monkeypatch.setenv("DSV2_NATIVE_KERNELS", "0")
+    elif BUILDS[request.param] is not None:
+        if request.param == "C-avx2" and not _cpu_has("avx2", "fma"):
+            pytest.skip("this CPU cannot run the AVX2 build")
+        monkeypatch.setenv("DSV2_CFLAGS", BUILDS[request.param])
     native.reset()
-    if request.param == "C" and native.library() is None:
+    if request.param != "torch" and native.library() is None:
         pytest.skip("no C compiler: the C kernels cannot be built here")
-    yield request.param
+    yield "C" if request.param.startswith("C") else "torch"
     native.reset()
 
 

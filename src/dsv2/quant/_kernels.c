@@ -53,6 +53,24 @@ static inline vf cvt_nib(const uint8_t *p, int shift) {
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)));
 }
+typedef __m512i vi;
+static inline vi gather32(const uint8_t *base) { /* VW dwords, 32 bytes apart */
+    const __m512i idx = _mm512_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480);
+    return _mm512_i32gather_epi32(idx, (const void *)base, 1);
+}
+static inline vf nib(vi v, int shift) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)));
+}
+static inline void store_w(void *out, int64_t i, vf w, int out_bf16) {
+    if (!out_bf16) {
+        _mm512_storeu_ps((float *)out + i, w);
+        return;
+    }
+    __m512i u = _mm512_castps_si512(w); /* round to nearest even, as f2bf */
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VW 8
@@ -75,6 +93,26 @@ static inline vf cvt_i8(const int8_t *p) {
 static inline vf cvt_nib(const uint8_t *p, int shift) {
     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15)));
+}
+typedef __m256i vi;
+static inline vi gather32(const uint8_t *base) { /* VW dwords, 32 bytes apart */
+    const __m256i idx = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
+    return _mm256_i32gather_epi32((const int *)base, idx, 1);
+}
+static inline vf nib(vi v, int shift) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15)));
+}
+static inline void store_w(void *out, int64_t i, vf w, int out_bf16) {
+    if (!out_bf16) {
+        _mm256_storeu_ps((float *)out + i, w);
+        return;
+    }
+    __m256i u = _mm256_castps_si256(w); /* round to nearest even, as f2bf */
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                             _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    u = _mm256_srli_epi32(u, 16);
+    u = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08); /* 8 x u16 in the low 128 bits */
+    _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_castsi256_si128(u));
 }
 #else
 #define VW 1
@@ -274,6 +312,23 @@ void dsv2_int4_dequant(const uint8_t *packed, const void *sz, int sz_bf16, void 
         const int64_t rows = b < full ? 64 : Np - full * 64, half = rows / 2;
         const uint8_t *bp = packed + b * 32 * Kp; /* every earlier block is a full one */
         const int64_t bytes_per_k = b < full ? 32 : half;
+#if VW > 1
+        if (rows == 64) { /* a dword gather per VW columns reads 4 byte positions: 8 rows' codes */
+            for (int64_t j = 0; j < 32; j += 4)
+                for (int64_t k = 0; k < Kp; k += VW) {
+                    const int64_t i0 = ((k / g) * Np + b * 64) * 2;
+                    const vi v = gather32(bp + k * 32 + j);
+                    for (int sub = 0; sub < 8; sub++) { /* rows j..j+3 (low nibbles), 32+j..32+j+3 (high) */
+                        const int64_t jr = (sub < 4 ? 0 : 32) + j + (sub & 3), r = b * 64 + jr;
+                        if (r < r0 || r >= r1) continue;
+                        const float sc = load(sz, i0 + jr * 2, sz_bf16), z = load(sz, i0 + jr * 2 + 1, sz_bf16);
+                        const vf w = vfma(nib(v, 8 * (sub & 3) + (sub < 4 ? 0 : 4)), vset1(sc), vset1(z - 8.f * sc));
+                        store_w(out, (r - r0) * Kp + k, w, out_bf16);
+                    }
+                }
+            continue;
+        }
+#endif
         uint8_t codes[64][KC > 256 ? KC : 256];
         for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
             const int64_t kn = Kp - k0 < kc ? Kp - k0 : kc;

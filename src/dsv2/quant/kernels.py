@@ -29,9 +29,9 @@ _ROWS = 4096  # rows quantised at a time: bounds the fp32 temporaries for a (102
 # Above this many activation rows a weight is dequantised a panel at a time and multiplied by the dense
 # GEMM: the one-row kernels cost about one pass over the weight per row (aten's per 1-4 rows, dsv2's C
 # kernel per 4), the GEMM a fraction of one. With the C library the panels are dequantised in C (int8:
-# ~8 bytes/ns, int4: ~1.5 weights/ns per core); without it in PyTorch, whole, which pays off later.
+# ~8 bytes/ns, int4: ~3 weights/ns per core); without it in PyTorch, whole, which pays off later.
 INT8_DEQUANT_ROWS = 16
-INT4_DEQUANT_ROWS = 48
+INT4_DEQUANT_ROWS = 24
 _FALLBACK_DEQUANT_ROWS = {"int8": 128, "int4": 192}
 _PANEL = 1 << 20  # weight elements dequantised per panel (2 MiB in bf16: stays in the L2/L3 cache)
 

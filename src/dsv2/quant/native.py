@@ -3,10 +3,11 @@
     lib = native.library()      # None where it cannot be built: callers use the pure-PyTorch kernels
 
 The library is built with the system C compiler (`$CC`, default `cc`) as
-`cc -O3 -march=native -fopenmp -shared -fPIC`, into a cache folder keyed by the source, the compiler
-command and this CPU's feature flags (`$DSV2_CACHE`, default `~/.cache/dsv2`), written atomically so that
-concurrent processes never load a half-written file. It takes about a second; a failed build warns once
-and leaves the PyTorch path in use. `DSV2_NATIVE_KERNELS=0` turns the library off.
+`cc -O3 -fopenmp -shared -fPIC -march=native` (`$DSV2_CFLAGS` replaces `-march=native`), into a cache
+folder keyed by the source, the compiler command and this CPU's feature flags (`$DSV2_CACHE`, default
+`~/.cache/dsv2`), written atomically so that concurrent processes never load a half-written file. It
+takes about a second; a failed build warns once and leaves the PyTorch path in use.
+`DSV2_NATIVE_KERNELS=0` turns the library off.
 
 It holds no PyTorch code (no torch headers, so no minute-long extension build, and no ABI coupling to a
 torch version): the wrappers below pass raw pointers of contiguous CPU tensors.
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+ARCH = "-march=native"  # $DSV2_CFLAGS replaces it (e.g. "-mavx2 -mfma" or "" for the portable scalar build)
 _state: dict[str, object] = {}
 
 _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -53,12 +55,16 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _flags() -> list[str]:
+    return [*FLAGS, *os.environ.get("DSV2_CFLAGS", ARCH).split()]
+
+
 def _build(cc: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *_flags(), str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -76,7 +82,7 @@ def library() -> ctypes.CDLL | None:
     try:
         if platform.system() != "Linux" or shutil.which(cc) is None:
             raise OSError(f"no C compiler {cc!r} (or not Linux)")
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_flags().encode())
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *_flags()]).encode() + _cpu_flags().encode())
         cache = Path(os.environ.get("DSV2_CACHE", Path.home() / ".cache" / "dsv2"))
         target = cache / "kernels" / key.hexdigest()[:16] / "libdsv2quant.so"
         if not target.exists():
