@@ -92,7 +92,8 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     lib = native.library() if native.supports(x, scale) else None
     if lib is None:
         if x.shape[0] > _FALLBACK_DEQUANT_ROWS["int8"]:
-            return F.linear(x, dequantize_int8(q, scale, x.dtype))
+            dt = _gemm_dtype(x)
+            return F.linear(x.to(dt), dequantize_int8(q, scale, dt)).to(x.dtype)
         return torch.ops.aten._weight_int8pack_mm(x, q, scale)
     q, scale = q.contiguous(), scale.contiguous()
     if x.shape[0] <= INT8_DEQUANT_ROWS:
@@ -202,7 +203,8 @@ class Int4Weight:
                 return full if full is out else out.copy_(full[:, : self.k])
             return panel_mm(x, self.n, dequant)
         if lib is None and x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"]:
-            return F.linear(x, self.dequantize(x.dtype))
+            dt = _gemm_dtype(x)
+            return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
         kp = self.packed.shape[1] * 2
         if kp > self.k:
             x = F.pad(x, (0, kp - self.k))  # (M,Kp): zero activations make the padded columns vanish
