@@ -117,12 +117,13 @@ class CpuExperts(Experts):
         if out is None:
             return super().forward(x, idx, weight, keep)
         if not torch.is_grad_enabled() and x.dtype == self.gate_proj.dtype and not torch.is_autocast_enabled("cpu"):
+            gu = self.fused_gate_up()
             if x.shape[0] == 1 and keep is None:  # one token: GEMVs as stored (<= GEMV_ROWS rows each)
                 return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj,
-                                      out_dtype=torch.float32).to(out)
+                                      out_dtype=torch.float32, gu=gu).to(out)
             token, order, counts = self.plan(idx, keep)
             y = self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
-                              upcast_rows=self.GEMV_ROWS)
+                              upcast_rows=self.GEMV_ROWS, gu=gu)
             return y.to(out)
         token, order, counts = self.plan(idx, keep)
         with torch.autocast("cpu", enabled=False):

@@ -26,6 +26,7 @@ from dsv2.engine.runner import ModelRunner, SeqWork
 from dsv2.engine.sampling import SamplingParams, is_finished, sample_token, token_logprobs
 from dsv2.engine.scheduler import Request, RequestError, Scheduler
 from dsv2.model import DeepseekV2
+from dsv2.fuse import fuse_gate_up
 from dsv2.precision import prepare
 from dsv2.resident import make_resident
 
@@ -74,8 +75,9 @@ class Engine:
     `Engine(model, config)` or `Engine(model, **fields of EngineConfig)`; `tokenizer` (anything with
     `decode(ids) -> str`, e.g. a `tokenizers.Tokenizer`) gives requests their text (`Request.text`,
     decoded incrementally) and makes `SamplingParams.stop` strings work. The engine takes the model as
-    it is given and changes it in place: eval mode, and on a CPU without native bf16 GEMMs the
-    precision pass of `dsv2.precision.prepare` (same parameters, same results, faster matmuls).
+    it is given and changes it in place: eval mode, on a CPU without native bf16 GEMMs the precision
+    pass of `dsv2.precision.prepare`, and `dsv2.fuse.fuse_gate_up` (gate and up projections as one
+    matmul); both keep the same parameters and results, with faster matmuls.
     """
 
     def __init__(self, model: DeepseekV2, config: EngineConfig | None = None, tokenizer: Any = None,
@@ -88,6 +90,7 @@ class Engine:
         self.resident_bytes = make_resident(model) if config.resident else 0
         w = model.embed_tokens.weight
         self.model, self.cfg, self.device = prepare(model.eval()), cfg, w.device
+        fuse_gate_up(model)  # gate and up projections as one matmul (same parameters, views of one storage)
         if config.kv_memory is None and config.max_tokens is None:
             # default: room for max_batch full-context sequences, capped at 1 GiB
             per_tok = PagedCache.bytes_per_token_for(cfg, config.kv_cache_dtype, w.dtype, config.rope_bf16,

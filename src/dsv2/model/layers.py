@@ -39,4 +39,19 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.__dict__.get("_gate_up")  # set by dsv2.fuse: one Linear over [gate; up]
+        if gate_up is not None and halves_of(self.gate_proj.weight, self.up_proj.weight, gate_up.weight):
+            g, u = gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def halves_of(gate: torch.Tensor, up: torch.Tensor, whole: torch.Tensor | None) -> bool:
+    """Whether, in inference, `gate` and `up` are still the two halves of `whole` along dim -2 (the
+    layout `dsv2.fuse` gives them), so that one matmul by `whole` computes both."""
+    if whole is None or torch.is_grad_enabled() or gate.shape != up.shape:
+        return False
+    i = gate.shape[-2]
+    return (whole.shape[-2] == 2 * i and gate.data_ptr() == whole.data_ptr() and gate.stride() == whole.stride()
+            and up.data_ptr() == whole.data_ptr() + i * whole.stride(-2) * whole.element_size()
+            and gate.dtype == whole.dtype)

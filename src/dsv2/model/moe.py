@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import MLP
+from dsv2.model.layers import MLP, halves_of
 
 
 @dataclass
@@ -109,6 +109,16 @@ def drop_tokens(routing: Routing, n_group: int, capacity_factor: float,
     return keep.view(n, k)
 
 
+def swiglu(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, gu: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """One expert: down(silu(x gᵀ) · x uᵀ); with gu = [g; u] (2I,D) one matmul gives both halves."""
+    if gu is not None:
+        a, b = F.linear(x, gu).chunk(2, dim=-1)
+    else:
+        a, b = F.linear(x, g), F.linear(x, u)
+    return F.linear(F.silu(a) * b, d)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked, dispatched by sorting the (token, slot) picks by expert."""
 
@@ -135,21 +145,27 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (N,D), idx/weight (N,K) -> Σ_k weight·expert_idx(x), (N,D). keep (N,K) bool skips picks."""
+        gu = self.fused_gate_up()
         if x.shape[0] == 1 and keep is None and not torch.is_grad_enabled():
-            return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj)
+            return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj, gu=gu)
         token, order, counts = self.plan(idx, keep)
-        return self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj)
+        return self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj, gu=gu)
+
+    def fused_gate_up(self) -> torch.Tensor | None:
+        """(E,2I,D) = [gate; up] per expert when `dsv2.fuse` stored them so (in inference), else None."""
+        return gu if halves_of(self.gate_proj, self.up_proj, gu := self.__dict__.get("_gate_up")) else None
 
     @staticmethod
     def one_token(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
-                  wd: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  wd: torch.Tensor, out_dtype: torch.dtype | None = None, gu: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         """`dispatch` for one token (inference) without its sort, gather and scatter, and with the same
         arithmetic: each pick's output times its weight in the output's dtype, summed by ascending expert
         in fp32 (as index_add_ does), returned in out_dtype (default x's). x (1,D), idx/weight (1,K)."""
         picks = sorted(zip(idx[0].tolist(), weight[0].unbind(0)), key=lambda p: p[0])
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, w in picks:
-            y = F.linear(F.silu(F.linear(x, wg[e])) * F.linear(x, wu[e]), wd[e])
+            y = swiglu(x, wg[e], wu[e], wd[e], None if gu is None else gu[e])
             y = y if out_dtype is None else y.to(out_dtype)
             acc += (y * w.to(y.dtype)).float()
         return acc.to(out_dtype or x.dtype)
@@ -157,9 +173,10 @@ class Experts(nn.Module):
     @staticmethod
     def dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
                  weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                 upcast_rows: int | None = None) -> torch.Tensor:
+                 upcast_rows: int | None = None, gu: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_k weight·expert(x) over the sorted picks. upcast_rows (a platform policy's hook): experts with
-        more rows than that compute in fp32, the others as stored; the result is then fp32."""
+        more rows than that compute in fp32, the others as stored; the result is then fp32. gu: [wg; wu]
+        stacked (E,2I,D) (inference, `fused_gate_up`), one matmul for both."""
         xs = x[token]  # (P,D) picks grouped by expert
         if torch.is_grad_enabled():
             # unbind, not wg[e]: indexing would give each expert's gradient as a full (E,I,D) tensor in backward
@@ -168,10 +185,11 @@ class Experts(nn.Module):
         for e, xe in enumerate(xs.split(counts)):
             if not counts[e]:
                 continue
-            g, u, d = wg[e], wu[e], wd[e]
+            g, u, d, gue = wg[e], wu[e], wd[e], None if gu is None else gu[e]
             if upcast_rows is not None and counts[e] > upcast_rows:
                 xe, g, u, d = xe.float(), g.float(), u.float(), d.float()
-            ye = F.linear(F.silu(F.linear(xe, g)) * F.linear(xe, u), d)
+                gue = None if gue is None else gue.float()
+            ye = swiglu(xe, g, u, d, gue)
             outs.append(ye if upcast_rows is None else ye.float())
         if not outs:
             return torch.zeros_like(x, dtype=torch.float32 if upcast_rows is not None else None)
