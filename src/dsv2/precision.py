@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.model.moe import Experts
+from dsv2.quant import native
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -52,6 +53,20 @@ def derived(weight: torch.Tensor, owner: object, slot: str, make: Callable[[torc
     return cached[1]
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except one row times a bf16 weight on the CPU in inference: dsv2's C GEMV
+    (`dsv2.quant.native`), which reads the weight at memory speed where PyTorch's bf16 GEMV reads it at a
+    fraction of that (4.3 vs ~17 GB/s on one Zen 4 core, no AMX). Same result up to the order of the fp32
+    sums; F.linear wherever the C library is missing or off."""
+    if (w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and x.numel() == x.shape[-1]
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        lib = native.library()
+        if lib is not None:
+            y = native.bf16_gemv(lib, x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
+            return (y if b is None else y + b.float()).to(x.dtype)
+    return F.linear(x, w, b)
+
+
 def _onednn_packing() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -61,7 +76,7 @@ class CpuLinear(nn.Linear):
     the CPU has no native support for them.
 
     - one row in inference (decode): the low-precision GEMV is not on the slow path and reads half the
-      bytes, so it runs as stored;
+      bytes, so it runs as stored (bf16: dsv2's C GEMV, `linear`; also where bf16 GEMMs are native);
     - several rows in inference: fp32 GEMM on a cached fp32 copy pre-packed in oneDNN's blocked layout
       (for the 2..~100-row GEMMs of batched decode MKL's plain sgemm re-reads the weight almost once per
       row; the packed weight runs 1.6-3.3x faster there and no slower at prefill sizes);
@@ -76,10 +91,10 @@ class CpuLinear(nn.Linear):
         w, b = self.weight, self.bias
         out = upcast_dtype(x)
         if out is None and native_low_precision(w.device, w.dtype):
-            return F.linear(x, w, b)
+            return linear(x, w, b)
         inference = not torch.is_grad_enabled()
         if inference and x.numel() == x.shape[-1] and x.dtype == w.dtype:
-            return F.linear(x, w, b)  # one row: a GEMV as stored
+            return linear(x, w, b)  # one row: a GEMV as stored
         autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         if (inference and not autocast and x.dtype == w.dtype and _onednn_packing()
                 and not torch.compiler.is_compiling()):  # inductor cannot take an opaque packed weight
@@ -114,13 +129,17 @@ class CpuExperts(Experts):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         out = upcast_dtype(x)
+        inference = not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
         if out is None:
+            if inference and x.shape[0] == 1 and keep is None:  # one token: the C GEMV for bf16 experts
+                return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj,
+                                      gu=self.fused_gate_up(), linear=linear)
             return super().forward(x, idx, weight, keep)
-        if not torch.is_grad_enabled() and x.dtype == self.gate_proj.dtype and not torch.is_autocast_enabled("cpu"):
+        if inference and x.dtype == self.gate_proj.dtype:
             gu = self.fused_gate_up()
             if x.shape[0] == 1 and keep is None:  # one token: GEMVs as stored (<= GEMV_ROWS rows each)
                 return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj,
-                                      out_dtype=torch.float32, gu=gu).to(out)
+                                      out_dtype=torch.float32, gu=gu, linear=linear).to(out)
             token, order, counts = self.plan(idx, keep)
             y = self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
                               upcast_rows=self.GEMV_ROWS, gu=gu)
@@ -141,16 +160,16 @@ def prepare(model: nn.Module, device: torch.device | str | None = None,
 
     Swaps the class of every plain `nn.Linear` and `Experts` (parameters, hooks and state-dict keys are
     untouched, so optimizers, checkpoints and parallel wrappers see the same module) when the model will
-    run matmuls in a low-precision dtype that `device` (default: where the model's parameters are) lacks
-    native support for: the dtype of its floating parameters, or `autocast` (the dtype a training loop
-    autocasts to). Does nothing otherwise (an fp32 model, a CPU with native bf16 GEMMs for a bf16 model,
-    another device), so such models keep plain modules and pay no per-call policy check. Quantised or
-    otherwise specialised modules are left alone. Idempotent.
+    run matmuls in a low-precision dtype on the CPU: the dtype of its floating parameters, or `autocast`
+    (the dtype a training loop autocasts to). Where that dtype is native, the swapped modules differ from
+    the plain ones only in one-row bf16 GEMVs (dsv2's C GEMV, `linear`). Does nothing for an fp32 model
+    without autocast or on another device, so such models keep plain modules and pay no per-call policy
+    check. Quantised or otherwise specialised modules are left alone. Idempotent.
     """
     p = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
     dtypes = {t.dtype for t in model.parameters() if t.is_floating_point()} | ({autocast} if autocast else set())
-    if all(native_low_precision(dev, dt) for dt in dtypes):
+    if dev.type != "cpu" or not dtypes & set(_LOW):
         return model
     for m in model.modules():
         new = _SWAPS.get(type(m))

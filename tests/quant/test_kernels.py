@@ -234,3 +234,28 @@ def test_c_library_that_cannot_be_built_falls_back_with_a_warning(kernels: str, 
     x = _x(2, 64, torch.float32)
     torch.testing.assert_close(QuantLinear.from_weight(q.float() * s[:, None], None, "int8", dtype=torch.float32)(x),
                                x @ (q.float() * s[:, None]).T, rtol=1e-5, atol=1e-5)
+
+
+def test_c_bf16_gemv_matches_float64(kernels: str) -> None:
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    w = _w(37, 104).bfloat16()
+    for m in range(1, 10):
+        x = _x(m, 104, torch.bfloat16)
+        ref = x.double() @ w.double().T
+        assert (native.bf16_gemv(lib, x, w).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_policy_linear_one_bf16_row(kernels: str) -> None:
+    """dsv2.precision.linear: one bf16 row through the C GEMV (or F.linear without it), bias included,
+    within one bf16 rounding of the float64 product."""
+    from dsv2.precision import linear
+
+    w, b = _w(70, 96).bfloat16(), torch.randn(70, generator=GEN).bfloat16()
+    x = _x(1, 96, torch.bfloat16).view(1, 1, 96)
+    with torch.no_grad():
+        y = linear(x, w, b)
+    ref = x.double() @ w.double().T + b.double()
+    assert y.dtype == torch.bfloat16 and y.shape == (1, 1, 70)
+    assert (y.double() - ref).abs().max() <= 8e-3 * ref.abs().max()

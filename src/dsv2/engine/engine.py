@@ -25,8 +25,8 @@ from dsv2.engine.detok import Detokenizer
 from dsv2.engine.runner import ModelRunner, SeqWork
 from dsv2.engine.sampling import SamplingParams, is_finished, sample_token, token_logprobs
 from dsv2.engine.scheduler import Request, RequestError, Scheduler
-from dsv2.model import DeepseekV2
 from dsv2.fuse import fuse_gate_up
+from dsv2.model import DeepseekV2
 from dsv2.precision import prepare
 from dsv2.resident import make_resident
 

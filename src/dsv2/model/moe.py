@@ -9,6 +9,7 @@ hand-written references; `MoE` owns the parameters and the sorted dispatch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,14 +110,15 @@ def drop_tokens(routing: Routing, n_group: int, capacity_factor: float,
     return keep.view(n, k)
 
 
-def swiglu(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, gu: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """One expert: down(silu(x gᵀ) · x uᵀ); with gu = [g; u] (2I,D) one matmul gives both halves."""
+def swiglu(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, gu: torch.Tensor | None = None,
+           linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear) -> torch.Tensor:
+    """One expert: down(silu(x gᵀ) · x uᵀ); with gu = [g; u] (2I,D) one matmul gives both halves.
+    linear: the matmul (a platform policy's hook, e.g. dsv2.precision.linear)."""
     if gu is not None:
-        a, b = F.linear(x, gu).chunk(2, dim=-1)
+        a, b = linear(x, gu).chunk(2, dim=-1)
     else:
-        a, b = F.linear(x, g), F.linear(x, u)
-    return F.linear(F.silu(a) * b, d)
+        a, b = linear(x, g), linear(x, u)
+    return linear(F.silu(a) * b, d)
 
 
 class Experts(nn.Module):
@@ -157,15 +159,15 @@ class Experts(nn.Module):
 
     @staticmethod
     def one_token(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
-                  wd: torch.Tensor, out_dtype: torch.dtype | None = None, gu: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  wd: torch.Tensor, out_dtype: torch.dtype | None = None, gu: torch.Tensor | None = None,
+                  linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear) -> torch.Tensor:
         """`dispatch` for one token (inference) without its sort, gather and scatter, and with the same
         arithmetic: each pick's output times its weight in the output's dtype, summed by ascending expert
         in fp32 (as index_add_ does), returned in out_dtype (default x's). x (1,D), idx/weight (1,K)."""
         picks = sorted(zip(idx[0].tolist(), weight[0].unbind(0)), key=lambda p: p[0])
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, w in picks:
-            y = swiglu(x, wg[e], wu[e], wd[e], None if gu is None else gu[e])
+            y = swiglu(x, wg[e], wu[e], wd[e], None if gu is None else gu[e], linear)
             y = y if out_dtype is None else y.to(out_dtype)
             acc += (y * w.to(y.dtype)).float()
         return acc.to(out_dtype or x.dtype)

@@ -49,6 +49,9 @@ static inline void vstore(float *p, vf a) { _mm512_storeu_ps(p, a); }
 static inline vf cvt_i8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+static inline vf cvt_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
 static inline vf cvt_nib(const uint8_t *p, int shift) {
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)));
@@ -90,6 +93,9 @@ static inline void vstore(float *p, vf a) { _mm256_storeu_ps(p, a); }
 static inline vf cvt_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
+static inline vf cvt_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
 static inline vf cvt_nib(const uint8_t *p, int shift) {
     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15)));
@@ -125,59 +131,68 @@ static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline float vsum(vf a) { return a; }
 static inline void vstore(float *p, vf a) { *p = a; }
 static inline vf cvt_i8(const int8_t *p) { return (float)*p; }
+static inline vf cvt_bf16(const uint16_t *p) { return bf2f(*p); }
 static inline vf cvt_nib(const uint8_t *p, int shift) { return (float)((*p >> shift) & 15); }
 #endif
 
-/* One (4 weight rows) x (mc activation rows) tile of the int8 GEMV; mc is a constant after inlining. */
-static inline __attribute__((always_inline)) void int8_tile(const int8_t *const *qr, const float *const *xr,
-                                                             int mc, int64_t K, float out[4][4]) {
-    const int64_t kv = K / VW * VW;
-    vf acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < mc; j++) acc[i][j] = vzero();
-    for (int64_t k = 0; k < kv; k += VW) {
-        vf w[4];
-        for (int i = 0; i < 4; i++) w[i] = cvt_i8(qr[i] + k);
-        for (int j = 0; j < mc; j++) {
-            vf xv = vload(xr[j] + k);
-            for (int i = 0; i < 4; i++) acc[i][j] = vfma(w[i], xv, acc[i][j]);
-        }
+/* The GEMV for up to 16 activation rows, for any weight element type W with a vector converter CVT and a
+ * scalar one SCL: y (M, N) = x (M, K) @ (w * scale)^T (scale NULL: 1). Weight rows in fours, activation
+ * rows in up to fours: every weight vector is converted once per pass and every activation vector loaded
+ * once per 4 weight rows (a short last group of weight rows repeats its last row, never written). */
+#define DEFINE_GEMV(NAME, W, CVT, SCL)                                                                        \
+    static inline __attribute__((always_inline)) void NAME##_tile(const W *const *wr, const float *const *xr, \
+                                                                  int mc, int64_t K, float out[4][4]) {       \
+        const int64_t kv = K / VW * VW;                                                                       \
+        vf acc[4][4];                                                                                         \
+        for (int i = 0; i < 4; i++)                                                                           \
+            for (int j = 0; j < mc; j++) acc[i][j] = vzero();                                                 \
+        for (int64_t k = 0; k < kv; k += VW) {                                                                \
+            vf w[4];                                                                                          \
+            for (int i = 0; i < 4; i++) w[i] = CVT(wr[i] + k);                                                \
+            for (int j = 0; j < mc; j++) {                                                                    \
+                vf xv = vload(xr[j] + k);                                                                     \
+                for (int i = 0; i < 4; i++) acc[i][j] = vfma(w[i], xv, acc[i][j]);                           \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int i = 0; i < 4; i++)                                                                           \
+            for (int j = 0; j < mc; j++) {                                                                    \
+                float a = vsum(acc[i][j]);                                                                    \
+                for (int64_t k = kv; k < K; k++) a += xr[j][k] * SCL(wr[i][k]);                               \
+                out[i][j] = a;                                                                                \
+            }                                                                                                 \
+    }                                                                                                         \
+    void NAME(const float *x, const W *q, const void *scale, int scale_bf16, float *y, int64_t M, int64_t N,  \
+              int64_t K, int nthreads) {                                                                      \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                   \
+        for (int64_t n0 = 0; n0 < N; n0 += 4) {                                                               \
+            const W *wr[4];                                                                                   \
+            for (int i = 0; i < 4; i++) wr[i] = q + (n0 + i < N ? n0 + i : N - 1) * K;                        \
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                           \
+                const float *xr[4];                                                                           \
+                const int mc = M - m0 < 4 ? (int)(M - m0) : 4;                                                \
+                for (int j = 0; j < mc; j++) xr[j] = x + (m0 + j) * K;                                        \
+                float out[4][4];                                                                              \
+                switch (mc) {                                                                                 \
+                    case 1: NAME##_tile(wr, xr, 1, K, out); break;                                            \
+                    case 2: NAME##_tile(wr, xr, 2, K, out); break;                                            \
+                    case 3: NAME##_tile(wr, xr, 3, K, out); break;                                            \
+                    default: NAME##_tile(wr, xr, 4, K, out); break;                                           \
+                }                                                                                             \
+                for (int i = 0; i < 4 && n0 + i < N; i++) {                                                   \
+                    const float s = scale ? load(scale, n0 + i, scale_bf16) : 1.f;                            \
+                    for (int j = 0; j < mc; j++) y[(m0 + j) * N + n0 + i] = out[i][j] * s;                    \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
     }
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < mc; j++) {
-            float a = vsum(acc[i][j]);
-            for (int64_t k = kv; k < K; k++) a += xr[j][k] * (float)qr[i][k];
-            out[i][j] = a;
-        }
-}
 
-/* y (M, N) = x (M, K) @ (q * scale)^T. Weight rows in fours, activation rows in up to fours: every
- * weight vector is converted once per pass and every activation vector loaded once per 4 weight rows
- * (a short last group of weight rows repeats its last row; the repeats are not written). */
-void dsv2_int8_gemv(const float *x, const int8_t *q, const void *scale, int scale_bf16, float *y,
-                    int64_t M, int64_t N, int64_t K, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += 4) {
-        const int8_t *qr[4];
-        for (int i = 0; i < 4; i++) qr[i] = q + (n0 + i < N ? n0 + i : N - 1) * K;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const float *xr[4];
-            const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
-            for (int j = 0; j < mc; j++) xr[j] = x + (m0 + j) * K;
-            float out[4][4];
-            switch (mc) {
-                case 1: int8_tile(qr, xr, 1, K, out); break;
-                case 2: int8_tile(qr, xr, 2, K, out); break;
-                case 3: int8_tile(qr, xr, 3, K, out); break;
-                default: int8_tile(qr, xr, 4, K, out); break;
-            }
-            for (int i = 0; i < 4 && n0 + i < N; i++) {
-                const float s = load(scale, n0 + i, scale_bf16);
-                for (int j = 0; j < mc; j++) y[(m0 + j) * N + n0 + i] = out[i][j] * s;
-            }
-        }
-    }
-}
+static inline float i8f(int8_t v) { return (float)v; }
+
+/* int8: w = q * scale per output row */
+DEFINE_GEMV(dsv2_int8_gemv, int8_t, cvt_i8, i8f)
+/* bf16 weights as stored (scale NULL): PyTorch's bf16 GEMV reads at a fraction of the bus speed on CPUs
+ * without AMX; converting to fp32 in registers is a shift */
+DEFINE_GEMV(dsv2_bf16_gemv, uint16_t, cvt_bf16, bf2f)
 
 /* rows [r0, r1) of q * scale into out ((r1 - r0), K), fp32 or bf16 */
 void dsv2_int8_dequant(const int8_t *q, const void *scale, int scale_bf16, void *out, int out_bf16,

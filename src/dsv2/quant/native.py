@@ -1,4 +1,4 @@
-"""The C int8 / int4 kernels (`_kernels.c`), compiled on first use and called through ctypes.
+"""The C kernels (`_kernels.c`: int8 / int4 / bf16 weights), compiled on first use, called through ctypes.
 
     lib = native.library()      # None where it cannot be built: callers use the pure-PyTorch kernels
 
@@ -35,6 +35,7 @@ _state: dict[str, object] = {}
 _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "dsv2_int8_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
+    "dsv2_bf16_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
     "dsv2_int8_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _int],
     "dsv2_int4_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int],
     "dsv2_int4_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _i64, _i64, _int],
@@ -130,6 +131,17 @@ def int8_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.T
     n = q.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     lib.dsv2_int8_gemv(_ptr(xf), _ptr(q), _ptr(scale), _scale_flag(scale), _ptr(y), m, n, k, torch.get_num_threads())
+    return y
+
+
+def bf16_gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M,K) any float dtype -> (M,N) fp32 = x @ wᵀ for a bf16 weight w (N,K)."""
+    xf = x.float().contiguous()
+    w = w.contiguous()
+    m, k = xf.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.dsv2_bf16_gemv(_ptr(xf), _ptr(w), None, 0, _ptr(y), m, n, k, torch.get_num_threads())
     return y
 
 
