@@ -29,8 +29,14 @@ Workloads (the issue's):
 Every row alternates llama.cpp and dsv2 measurements so that load from other jobs hits both alike; the
 load average is printed at start and at end. Ratios are dsv2 speed / llama.cpp speed (> 1: dsv2 faster).
 
-    python benchmarks/llamacpp.py --llama-bin DIR --gguf-dir DIR --checkpoint DIR            # ~30-60 min on 2 cores
-    python benchmarks/llamacpp.py --llama-bin DIR --gguf-dir DIR --checkpoint DIR --quick    # a few minutes
+    python benchmarks/llamacpp.py --make-checkpoint --checkpoint DIR                     # the weights, once
+    python benchmarks/llamacpp.py --llama-bin DIR --gguf-dir DIR --checkpoint DIR       # the issue's sizes
+    python benchmarks/llamacpp.py --llama-bin DIR --gguf-dir DIR --checkpoint DIR --quick --threads 1
+
+The full run is long on 2 cores: llama-bench fills the 32K depth with a 32,768-token prefill per format
+(over 13 min for bf16 on one loaded core); the rest takes ~10-25 min, --quick ~10. On a machine shared
+with other jobs use --threads 1: 2-thread steps of both programs slow down several-fold when a neighbour
+holds a core. `--contexts` / `--prompts` / `--parallel` with no value skip that workload.
 """
 
 from __future__ import annotations
@@ -198,9 +204,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1K / 4K decode, 512 prefill, 1 / 4 / 16 sequences")
     ap.add_argument("--types", nargs="+", default=list(PAIRS), choices=list(PAIRS), help="llama.cpp formats")
     ap.add_argument("--no-g128", action="store_true", help="skip dsv2 int4 with groups of 128")
-    ap.add_argument("--contexts", type=int, nargs="+", default=None)
-    ap.add_argument("--prompts", type=int, nargs="+", default=None)
-    ap.add_argument("--parallel", type=int, nargs="+", default=None)
+    ap.add_argument("--contexts", type=int, nargs="*", default=None, help="decode contexts (none: skip decode)")
+    ap.add_argument("--prompts", type=int, nargs="*", default=None, help="prefill lengths (none: skip prefill)")
+    ap.add_argument("--parallel", type=int, nargs="*", default=None, help="sequence counts (none: skip)")
     ap.add_argument("--reps", type=int, default=None, help="llama-bench repetitions / dsv2 calls per row")
     ap.add_argument("--no-rss", action="store_true", help="skip dsv2's one-process-per-format memory rows")
     args = ap.parse_args()
@@ -210,9 +216,10 @@ def main() -> None:
     if args.llama_bin is None or args.gguf_dir is None:
         ap.error("--llama-bin and --gguf-dir are required (or --make-checkpoint)")
 
-    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 8192, 32768])
-    prompts = args.prompts or ([512] if args.quick else [512, 2048])
-    parallel = args.parallel or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
+    contexts = args.contexts if args.contexts is not None else (
+        [1024, 4096] if args.quick else [1024, 4096, 8192, 32768])
+    prompts = args.prompts if args.prompts is not None else ([512] if args.quick else [512, 2048])
+    parallel = args.parallel if args.parallel is not None else ([1, 4, 16] if args.quick else [1, 4, 16, 64])
     reps = args.reps or (3 if args.quick else 5)
     gguf = {t: args.gguf_dir / f"{args.gguf_name}-{t}.gguf" for t in args.types}
     for tool in ("llama-bench", "llama-batched-bench"):
@@ -235,7 +242,8 @@ def main() -> None:
 
     # ---- dsv2: every format alive at once, one engine each
     fmts = [f for t in args.types for f in pairs[t]]
-    max_tokens = max(max(contexts) + 64, max(prompts) + 64, max(parallel) * 64 + 64) + 64
+    max_tokens = max([4096, *(c + 64 for c in contexts), *(n + 64 for n in prompts),
+                      *(n * 64 + 64 for n in parallel)]) + 64
     models, engines = {}, {}
     for f in fmts:
         fmt, gs = DSV2_FORMATS[f]
@@ -319,12 +327,13 @@ def main() -> None:
                 fmt, gs = DSV2_FORMATS[f]
                 ours[f] = rss_per_format([fmt], gs, args.checkpoint)[fmt]
         for t in args.types:
-            lp = llama.rss.get((t, f"prefill {min(prompts)}"), float("nan"))
+            p0 = min(prompts, default=512)
+            lp = llama.rss.get((t, f"prefill {p0}"), float("nan"))
             lb = llama.rss.get((t, "batched 4"), float("nan"))
             big = max((x for x in (lp, lb) if x == x), default=float("nan"))
             for i, f in enumerate(pairs[t]):
                 peak, _ = ours[f]
-                emit(f"peak RSS, GiB (llama.cpp: prefill-{min(prompts)} / 4-seq process)" if i == 0 else "",
+                emit(f"peak RSS, GiB (llama.cpp: prefill-{p0} / 4-seq process)" if i == 0 else "",
                      LLAMA_NAME[t] if i == 0 else "", f"{lp:.2f} / {lb:.2f}" if i == 0 else "", f, f"{peak:.2f}",
                      f"memory {peak / big:.2f}x")
     load1 = os.getloadavg()
