@@ -17,6 +17,11 @@ the formats (best of N calls; load from other jobs hits each format alike).
     python benchmarks/cpu.py --quick --threads 1      # small contexts, a few minutes
     python benchmarks/cpu.py                          # the issue's sizes
     python benchmarks/cpu.py --contention             # demo-size model: quiet vs beside a busy process
+    python benchmarks/cpu.py --checkpoint DIR         # the weights of a saved checkpoint (hub layout) instead
+
+With --checkpoint the bf16 model is `DeepseekV2.from_pretrained(DIR, weights="bf16")` and int8 / int4 are
+quantised while loading (`weights=`, `group_size=`); benchmarks/llamacpp.py runs this file's functions beside
+llama.cpp on the same checkpoint.
 
 llama.cpp's and "dsv2 before" figures are quoted from issue 13 (2-core AVX2 machine, 2 threads),
 not measured by this script.
@@ -105,7 +110,14 @@ def linear_params(model: DeepseekV2) -> int:
     return cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size
 
 
-def build(fmt: str, group_size: int) -> DeepseekV2:
+def build(fmt: str, group_size: int, checkpoint: str | None = None) -> DeepseekV2:
+    """One format of issue 13's model: random (seed 0) and quantised in memory, or loaded from `checkpoint`
+    (a hub-layout folder; int8 / int4 quantised while loading, group_size for int4 only)."""
+    if checkpoint is not None:
+        model = DeepseekV2.from_pretrained(checkpoint, dtype=torch.bfloat16, weights=fmt,
+                                           group_size=group_size if fmt == "int4" else None).eval()
+        gc.collect()
+        return model
     model = DeepseekV2(lite_shape(2), dtype=torch.bfloat16).eval()
     model.reset_parameters(seed=0)
     if fmt != "bf16":
@@ -154,7 +166,7 @@ def run_table(args: argparse.Namespace) -> None:
     models: dict[str, DeepseekV2] = {}
     max_tokens = max(max(contexts) + 64, max(prompts) + 64, max(parallel) * 64 + 64) + 64
     for fmt in args.formats:
-        models[fmt] = build(fmt, args.group_size)
+        models[fmt] = build(fmt, args.group_size, args.checkpoint)
         engines[fmt] = Engine(models[fmt], kv_cache_dtype="bf16", max_tokens=max_tokens, prefix_caching=False,
                               max_batch=max(64, max(parallel)))
         print(f"{fmt}: weights {weight_bytes(models[fmt], False) / 2**20:.0f} MiB "
@@ -239,7 +251,7 @@ def run_table(args: argparse.Namespace) -> None:
     del probes.big, probes.mats
     gc.collect()
     if not args.no_rss:
-        for fmt, (peak, now) in rss_per_format(args.formats, args.group_size).items():
+        for fmt, (peak, now) in rss_per_format(args.formats, args.group_size, args.checkpoint).items():
             emit("memory: one process, peak / end RSS", fmt, f"{peak:.2f} / {now:.2f} GiB", None,
                  "llama.cpp 1.1-1.3 GiB, dsv2 before 2.5-3.2 GiB" if fmt == "bf16" else "")
         print("(int8/int4 processes build the bf16 model and quantise it in memory: their peak includes the bf16 "
@@ -254,10 +266,10 @@ def run_table(args: argparse.Namespace) -> None:
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
-def rss_child(fmt: str, group_size: int) -> None:
+def rss_child(fmt: str, group_size: int, checkpoint: str | None = None) -> None:
     """(In a fresh process) build one format, make an engine, run a 512-token prompt and 4 x (32+32); print
     'RSS <peak GiB> <now GiB>' from /proc/self/status (VmHWM, VmRSS)."""
-    model = build(fmt, group_size)
+    model = build(fmt, group_size, checkpoint)
     eng = Engine(model, kv_cache_dtype="bf16", max_tokens=4096, prefix_caching=False)
     eng.generate([list(range(3, 515))], SamplingParams(max_new_tokens=1))
     eng.generate([list(range(3 + i, 35 + i)) for i in range(4)], SamplingParams(max_new_tokens=32))
@@ -267,12 +279,15 @@ def rss_child(fmt: str, group_size: int) -> None:
     print(f"RSS {kib['VmHWM'] / 2**20:.3f} {kib['VmRSS'] / 2**20:.3f}")
 
 
-def rss_per_format(formats: list[str], group_size: int) -> dict[str, tuple[float, float]]:
+def rss_per_format(formats: list[str], group_size: int, checkpoint: str | None = None
+                   ) -> dict[str, tuple[float, float]]:
     """Peak and end RSS (GiB) of one process per format (rss_child)."""
     out = {}
     for fmt in formats:
+        ckpt = ["--checkpoint", checkpoint] if checkpoint is not None else []
         r = subprocess.run([sys.executable, __file__, "--rss-child", fmt, "--group-size", str(group_size),
-                            "--threads", str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+                            "--threads", str(torch.get_num_threads()), *ckpt], capture_output=True, text=True,
+                           check=True)
         line = next(x for x in r.stdout.splitlines() if x.startswith("RSS "))
         out[fmt] = (float(line.split()[1]), float(line.split()[2]))
     return out
@@ -366,6 +381,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per row (best of)")
     ap.add_argument("--no-rss", action="store_true", help="skip the one-process-per-format memory rows")
+    ap.add_argument("--checkpoint", default=None,
+                    help="load the weights from this hub-layout folder (default: random, seed 0)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--contention", action="store_true", help="instead: threads under contention (demo-size model)")
     ap.add_argument("--profile", action="store_true", help="instead: profile the demo-size model's decode step")
@@ -375,7 +392,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.rss_child:
         torch.set_num_threads(pick_threads(args.threads))
-        rss_child(args.rss_child, args.group_size)
+        rss_child(args.rss_child, args.group_size, args.checkpoint)
         return
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other jobs on the machine skew timings)")
     torch.manual_seed(0)
