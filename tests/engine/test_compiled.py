@@ -80,14 +80,14 @@ def test_decode_step_eagerly_equals_engine(attn: str) -> None:
 
 @pytest.mark.slow
 def test_compiled_engine_equals_eager() -> None:
-    """Compiles two graphs (batch buckets 1 and 2); ~1-2 min on 2 cores."""
+    """Compiles two graphs (batch buckets 1 and 2): ~50 s on 2 shared cores."""
     prompts = [[1, 5, 9, 33, 7], list(range(10, 40))]
     sp = SamplingParams(max_new_tokens=12, logprobs=2)
     outs = {}
     for compile_ in (False, True):
         eng = Engine(tiny_model(), max_tokens=512, block_size=16, compile=compile_)
         solo = eng.add_request(prompts[0], sp)  # batch 1 ...
-        while solo.status == "running" and len(solo.output) < 4:
+        while len(solo.output) < 4:
             eng.step()
         other = eng.add_request(prompts[1], sp)  # ... then batch 2 while the other joins
         while eng.has_unfinished():

@@ -113,7 +113,7 @@ def _bucket(n: int, floor: int = 1) -> int:
 # choice does not depend on the machine's load at that moment; a graph for which a template does not
 # apply is compiled again with inductor's defaults (`FALLBACK_OPTIONS`).
 CPU_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
-FALLBACK_OPTIONS = {"cpp_wrapper": True, "freezing": True}
+FALLBACK_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": False, "max_autotune_gemm_backends": "ATEN"}
 
 
 class CompiledDecode:
@@ -145,6 +145,7 @@ class CompiledDecode:
         self._captured: Callable | None = None
         self._dynamo = torch.compile(self._step, fullgraph=True, dynamic=False, backend=self._backend)
         self.compile_s = 0.0  # seconds spent capturing and compiling graphs
+        self.failed: dict[tuple[int, int], str] = {}  # buckets that did not compile: they run eagerly
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx
@@ -193,22 +194,33 @@ class CompiledDecode:
         pos = torch.tensor([w.num_computed for w in rows], dtype=torch.long)
         return ids.to(self.device), pos.to(self.device), tables.to(self.device)
 
-    def run(self, work: Sequence[SeqWork]) -> torch.Tensor:
-        """Logits (B,V) of a decode-only step (see `supports`)."""
+    def run(self, work: Sequence[SeqWork]) -> torch.Tensor | None:
+        """Logits (B,V) of a decode-only step (see `supports`); None when its bucket could not be compiled
+        (the caller runs the step eagerly; the failure is kept in `failed` and warned about once)."""
         ids, pos, tables = self.inputs(work)
         key = (ids.shape[0], tables.shape[1])
         graph = self.graphs.get(key)
         if graph is None:
+            if key in self.failed:
+                return None
             from torch._inductor import config as inductor_config
 
             t0 = time.perf_counter()
             self._captured = None
-            # the inductor settings are on while Dynamo traces too (it lifts frozen weights differently)
-            with (torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20),
-                  inductor_config.patch(self.options)):
-                out = self._dynamo(ids, pos, tables)
-            self.compile_s += time.perf_counter() - t0
-            self.graphs[key] = graph = self._layout(self._captured, (ids, pos, tables))
+            try:
+                # the inductor settings are on while Dynamo traces too (it lifts frozen weights differently)
+                with (torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20),
+                      inductor_config.patch(self.options)):
+                    out = self._dynamo(ids, pos, tables)
+                graph = self._layout(self._captured, (ids, pos, tables))
+            except Exception as e:
+                self.failed[key] = f"{type(e).__name__}: {str(e)[:500]}"
+                warnings.warn(f"compiled decode step: batch bucket {key[0]} x {key[1]} blocks did not compile, "
+                              f"it runs eagerly ({self.failed[key][:200]})", stacklevel=2)
+                return None
+            finally:
+                self.compile_s += time.perf_counter() - t0
+            self.graphs[key] = graph
             return out[: len(work)]
         fn, layout = graph
         args = (ids, pos, tables)

@@ -68,7 +68,9 @@ class ModelRunner:
         if not work:
             return []
         if self.compiled is not None and self.compiled.supports(work):
-            return list(self.compiled.run(work))
+            logits = self.compiled.run(work)  # None: this step's bucket did not compile, run it eagerly
+            if logits is not None:
+                return list(logits)
         ids, pos, pick, sizes = [], [], [], []
         for w in work:
             if w.logits not in LOGITS:
