@@ -276,8 +276,9 @@ def test_bf16_decode_close_to_the_plain_forward(attn: str) -> None:
 
 @pytest.mark.slow
 def test_compiled_engine_gives_the_eager_tokens() -> None:
-    """`Engine(compile=True)` (torch.compile of the MLPs) on bf16 weights: same greedy tokens as eager
-    (under compile, linears skip the pre-packed oneDNN weights that inductor cannot take as input)."""
+    """`Engine(compile=True)` (decode steps as one compiled graph, dsv2.engine.compiled) on bf16 weights:
+    same greedy tokens as eager (under compile, linears skip the pre-packed oneDNN weights that inductor
+    cannot take as input)."""
     models = []
     for _ in range(2):
         m = DeepseekV2(ModelConfig.from_preset("tiny"), dtype=torch.bfloat16).eval()

@@ -29,6 +29,26 @@ from dsv2.engine.cache import PagedCache
 from dsv2.model import GQA, MLA
 
 
+def gathered_mla_decode(cache: PagedCache, attn: MLA, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                        index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Absorbed attention of one token per sequence, q (Bd,H,·), over its rows gathered into one padded
+    batch: slots index (Bd,S), valid (Bd,S) (padding False) -> (Bd,H*Dv). A few kernels for any batch,
+    and only tensors (no per-sequence Python): what a GPU and a compiled step want."""
+    c = attn.kv_rank
+    rows = cache.gather(layer, index).masked_fill_(~valid[..., None], 0).to(q_nope.dtype)  # (Bd,S,C+R)
+    mask = valid[:, None, None, :]  # (Bd,1,1,S)
+    return attn.attend_absorbed(q_nope[:, None], q_pe[:, None], rows[..., :c], rows[..., c:], mask)[:, 0]
+
+
+def gathered_gqa_decode(cache: PagedCache, attn: GQA, layer: int, q: torch.Tensor, index: torch.Tensor,
+                        valid: torch.Tensor) -> torch.Tensor:
+    """Baseline attention of one token per sequence, q (Bd,H,Dh), over its rows [k ; v] gathered into one
+    padded batch (see `gathered_mla_decode`) -> (Bd,H*Dh)."""
+    rows = cache.gather(layer, index).masked_fill_(~valid[..., None], 0).to(q.dtype)  # (Bd,S,W)
+    k, v = (t.unflatten(-1, (attn.n_kv, attn.d_h)) for t in rows.chunk(2, dim=-1))  # (Bd,S,Hkv,Dh)
+    return attn.attend(q[:, None], k, v, valid[:, None, None, :])[:, 0]
+
+
 class PagedBackend:
     """One step's attention over the paged cache. `upcast`: compute decode attention in fp32 (CPU
     without native low-precision GEMMs); `scratch`: a reused (decode_chunk, W) fp32 buffer for that."""
@@ -66,10 +86,7 @@ class PagedBackend:
         """Absorbed attention of one token per sequence: q (Bd,H,·) -> (Bd,H*Dv)."""
         c, dtype = attn.kv_rank, q_nope.dtype
         if self.decode_impl == "gathered":
-            index, valid = self.meta.gather_plan(q_nope.device)
-            rows = self.cache.gather(layer, index).masked_fill_(~valid[..., None], 0).to(dtype)  # (Bd,S,C+R)
-            mask = valid[:, None, None, :]  # (Bd,1,1,S)
-            return attn.attend_absorbed(q_nope[:, None], q_pe[:, None], rows[..., :c], rows[..., c:], mask)[:, 0]
+            return gathered_mla_decode(self.cache, attn, layer, q_nope, q_pe, *self.meta.gather_plan(q_nope.device))
         q = attn.absorb_query(q_nope, q_pe, torch.float32 if self.upcast else dtype)  # (Bd,H,C+R)
         o_lat = q.new_empty(q.shape[0], attn.n_heads, c)  # (Bd,H,C)
         for j, i in enumerate(self.meta.decode):

@@ -48,7 +48,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "(a `dsv2 quantize` folder loads quantised)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128, 256 (default 128)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the MLP/MoE blocks")
+    p.add_argument("--compile", action="store_true",
+                   help="decode steps as one torch.compile'd graph of the whole forward (inductor, C++): "
+                   "several times faster on small models; each new batch / context bucket compiles first "
+                   "(about a minute on 2 cores)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens of one request per engine step (bounds activation memory; default 2048). "
                         "Prompts longer than this show a prefill progress bar on stderr")

@@ -32,7 +32,7 @@ class EngineConfig:
     decode_impl: str = "auto"  # auto | fast (per sequence, in place) | gathered (one padded batch)
     rope_bf16: bool = False  # keep k_R in bf16 when the latent is quantised
     kv_group: int | None = None  # quantisation group of the cache formats (default per format)
-    compile: bool = False  # torch.compile the MLP / MoE blocks
+    compile: bool = False  # decode-only steps run one compiled graph of the whole forward (engine/compiled.py)
     prefix_caching: bool = True  # reuse cached full blocks of identical prompt prefixes
     allocation: str = "on_demand"  # on_demand (blocks as tokens arrive) | reserve (prompt + max_new_tokens up front)
     watermark: float = 0.01  # fraction of blocks admission leaves free for running requests to grow into

@@ -106,10 +106,6 @@ class Engine:
         self.scheduler = Scheduler(cfg, self.cache, config, w.device)
         self.stats = EngineStats()
         self.tokenizer = tokenizer
-        if config.compile:
-            # the dense MLPs / MoE and norms see fixed shapes per batch size; attention stays eager
-            for layer in model.layers:
-                layer.mlp.compile(dynamic=True)
 
     # ---- request API -------------------------------------------------------------------------
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Request:

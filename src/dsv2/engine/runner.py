@@ -14,6 +14,7 @@ import torch
 from dsv2.engine.attention import StepMetadata
 from dsv2.engine.backend import PagedBackend
 from dsv2.engine.cache import PagedCache
+from dsv2.engine.compiled import CompiledDecode
 from dsv2.engine.config import EngineConfig
 from dsv2.model import DeepseekV2
 from dsv2.precision import native_low_precision
@@ -47,6 +48,8 @@ class ModelRunner:
         # well over the intra-op threads, small enough to stay in cache between them (MLA 1820, MHA 256)
         self.decode_chunk = config.decode_chunk or (max(256, (1 << 20) // cache.width) if self.upcast else 1 << 30)
         self._scratch: torch.Tensor | None = None
+        # compile=True: decode-only steps run one compiled graph of the whole forward (dsv2.engine.compiled)
+        self.compiled = CompiledDecode(model, cache) if config.compile else None
 
     def scratch(self) -> torch.Tensor | None:
         """(decode_chunk, W) fp32 buffer for upcast chunks (None when rows are used as stored)."""
@@ -64,6 +67,10 @@ class ModelRunner:
         Token ids and positions must have been validated by the caller (the scheduler does, on the host)."""
         if not work:
             return []
+        if self.compiled is not None and self.compiled.supports(work):
+            logits = self.compiled.run(work)  # None: this step's bucket did not compile, run it eagerly
+            if logits is not None:
+                return list(logits)
         ids, pos, pick, sizes = [], [], [], []
         for w in work:
             if w.logits not in LOGITS:

@@ -66,9 +66,11 @@ def _sdpa_mask(mask: torch.Tensor | None, t: int, s: int, device: torch.device
 
 
 def _joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[a ; b] on the last dim, as a zero-copy view when b already follows a in memory (one cache row)."""
-    if (a.dtype == b.dtype and a.stride() == b.stride() and a.shape[:-1] == b.shape[:-1]
-            and a.stride(-1) == 1 and b.data_ptr() == a.data_ptr() + a.shape[-1] * a.element_size()):
+    """[a ; b] on the last dim, as a zero-copy view when b already follows a in memory (one cache row);
+    under torch.compile (no data pointers to compare) a cat, which inductor fuses into its consumer."""
+    if (not torch.compiler.is_compiling() and a.dtype == b.dtype and a.stride() == b.stride()
+            and a.shape[:-1] == b.shape[:-1] and a.stride(-1) == 1
+            and b.data_ptr() == a.data_ptr() + a.shape[-1] * a.element_size()):
         return a.as_strided((*a.shape[:-1], a.shape[-1] + b.shape[-1]), a.stride())
     return torch.cat((a, b), dim=-1)
 
@@ -121,10 +123,11 @@ class MLA(nn.Module):
 
     def absorbed_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous (H,Dn,C) W_UK and (H,C,Dv) W_UVᵀ in `dtype` (default: the weight's); cached while
-        kv_b_proj is unchanged (the cache follows in-place updates: the weight's version counter)."""
+        kv_b_proj is unchanged (the cache follows in-place updates: the weight's version counter).
+        Views of the weight, not cached, with autograd on or under torch.compile (which traces no cache)."""
         w = self.kv_b_proj.weight
         dtype = dtype or w.dtype
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
             return self.w_uk.to(dtype), self.w_uv.transpose(1, 2).to(dtype)
         key = (w.data_ptr(), w._version, dtype, w.device)
         if self._absorbed is None or self._absorbed[0] != key:
