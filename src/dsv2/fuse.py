@@ -60,3 +60,22 @@ def fuse_gate_up(model: nn.Module) -> int:
             m.__dict__["_gate_up"] = whole
             n += 1
     return n
+
+
+@torch.no_grad()
+def unfuse_gate_up(model: nn.Module) -> int:
+    """Undo `fuse_gate_up`: gate and up get storages of their own again (a copy) and the joined matmul
+    goes. For consumers that want plain parameters, e.g. a compiled graph whose frozen weights must not
+    be views of a shared storage. Returns the blocks separated."""
+    n = 0
+    for m in model.modules():
+        if "_gate_up" not in m.__dict__:
+            continue
+        del m.__dict__["_gate_up"]
+        if isinstance(m, MLP):
+            m.gate_proj.weight.data = m.gate_proj.weight.data.clone()
+            m.up_proj.weight.data = m.up_proj.weight.data.clone()
+        else:
+            m.gate_proj.data, m.up_proj.data = m.gate_proj.data.clone(), m.up_proj.data.clone()
+        n += 1
+    return n

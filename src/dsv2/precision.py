@@ -25,6 +25,7 @@ from dsv2.quant import native
 _LOW = (torch.bfloat16, torch.float16)
 
 
+@torch.compiler.assume_constant_result  # an mkldnn query Dynamo cannot trace: a constant per device and dtype
 def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether matmuls in `dtype` run natively fast on `device` (always, off the CPU and for fp32)."""
     if dtype not in _LOW or device.type != "cpu":

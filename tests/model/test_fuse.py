@@ -46,3 +46,18 @@ def test_training_and_later_casts_take_the_two_matmul_path() -> None:
     with torch.no_grad():
         assert all(m.fused_gate_up() is None for m in model.modules() if hasattr(m, "fused_gate_up"))
         assert torch.equal(model(ids), plain(ids))
+
+
+def test_unfuse_gives_plain_parameters_back() -> None:
+    from dsv2.fuse import unfuse_gate_up
+
+    model, plain = _pair()
+    fuse_gate_up(model)
+    n = unfuse_gate_up(model)
+    assert n > 0 and unfuse_gate_up(model) == 0
+    for m in model.modules():
+        assert "_gate_up" not in m.__dict__
+    mlp = model.layers[0].mlp
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() != mlp.up_proj.weight.untyped_storage().data_ptr()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert p.is_contiguous() and torch.equal(p, q), name

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from dsv2.engine.backend import gathered_gqa_decode, gathered_mla_decode
 from dsv2.engine.cache import PagedCache
+from dsv2.fuse import unfuse_gate_up
 from dsv2.model import GQA, MLA, DeepseekV2
 from dsv2.model.moe import Experts
-from dsv2.precision import native_low_precision
 
 if TYPE_CHECKING:
     from dsv2.engine.runner import SeqWork
@@ -136,11 +136,8 @@ class CompiledDecode:
         self.model, self.cache = model, cache
         self.device = model.embed_tokens.weight.device
         self.options = dict(CPU_OPTIONS if self.device.type == "cpu" else {}, **(options or {}))
+        unfuse_gate_up(model)  # frozen weights must not be views of one storage (inductor fuses on its own)
         swap_experts(model)
-        # the precision pass's linears ask the CPU whether it has native bf16 / fp16 GEMMs (an mkldnn query
-        # Dynamo cannot trace) on every call: a constant per device and dtype, so the graph takes the
-        # answer at trace time (a hook for dsv2/precision.py: this decorator on the function there)
-        torch.compiler.assume_constant_result(native_low_precision)
         self.graphs: dict[tuple[int, int], tuple[Callable, list]] = {}
         self._captured: Callable | None = None
         self._dynamo = torch.compile(self._step, fullgraph=True, dynamic=False, backend=self._backend)

@@ -90,7 +90,8 @@ class Engine:
         self.resident_bytes = make_resident(model) if config.resident else 0
         w = model.embed_tokens.weight
         self.model, self.cfg, self.device = prepare(model.eval()), cfg, w.device
-        fuse_gate_up(model)  # gate and up projections as one matmul (same parameters, views of one storage)
+        if not config.compile:  # (a compiled step fuses on its own; its frozen weights must not be views)
+            fuse_gate_up(model)  # gate and up projections as one matmul (same parameters, views of one storage)
         if config.kv_memory is None and config.max_tokens is None:
             # default: room for max_batch full-context sequences, capped at 1 GiB
             per_tok = PagedCache.bytes_per_token_for(cfg, config.kv_cache_dtype, w.dtype, config.rope_bf16,

@@ -49,8 +49,8 @@ class MLP(nn.Module):
 def halves_of(gate: torch.Tensor, up: torch.Tensor, whole: torch.Tensor | None) -> bool:
     """Whether, in inference, `gate` and `up` are still the two halves of `whole` along dim -2 (the
     layout `dsv2.fuse` gives them), so that one matmul by `whole` computes both."""
-    if whole is None or torch.is_grad_enabled() or gate.shape != up.shape:
-        return False
+    if whole is None or torch.is_grad_enabled() or gate.shape != up.shape or torch.compiler.is_compiling():
+        return False  # (a compiled graph reads the two halves; inductor fuses the matmuls its own way)
     i = gate.shape[-2]
     return (whole.shape[-2] == 2 * i and gate.data_ptr() == whole.data_ptr() and gate.stride() == whole.stride()
             and up.data_ptr() == whole.data_ptr() + i * whole.stride(-2) * whole.element_size()
