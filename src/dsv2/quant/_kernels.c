@@ -14,6 +14,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifndef PF_ROWS
+#define PF_ROWS 8 /* the GEMVs prefetch the weight row this many rows ahead */
+#endif
+
 static inline float bf2f(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
     float f;
@@ -148,6 +152,9 @@ static inline vf cvt_nib(const uint8_t *p, int shift) { return (float)((*p >> sh
             for (int j = 0; j < mc; j++) acc[i][j] = vzero();                                                 \
         for (int64_t k = 0; k < kv; k += VW) {                                                                \
             vf w[4];                                                                                          \
+            /* the next 4 rows, same columns: rows of a few KiB end at page boundaries, where the hardware   \
+               prefetcher stops, so each new row would start cold */                                          \
+            for (int i = 0; i < 4; i++) __builtin_prefetch(wr[i] + PF_ROWS * K + k, 0, 0);                       \
             for (int i = 0; i < 4; i++) w[i] = CVT(wr[i] + k);                                                \
             for (int j = 0; j < mc; j++) {                                                                    \
                 vf xv = vload(xr[j] + k);                                                                     \
