@@ -203,18 +203,13 @@ def test_c_int8_gemv_and_dequant_match_float64(kernels: str, scale_dtype: torch.
 
 
 @pytest.mark.parametrize("n", [64, 80, 112, 176])  # whole 64-row blocks, and a last block of 16 / 48 rows
-def test_c_int4_gemv_and_dequant_match_float64(kernels: str, n: int) -> None:
+def test_c_int4_dequant_matches_float64(kernels: str, n: int) -> None:
     if kernels != "C":
         pytest.skip("C kernels only")
     lib = native.library()
     for group, dt in ((32, torch.float32), (64, torch.bfloat16)):
         w4 = Int4Weight.quantize(_w(n, 192), group, dt)
         deq = w4.dequantize(torch.float64)  # the float64 reference of the stored codes and scales
-        for m in (1, 3, 4, 6):
-            x = _x(m, 192, torch.float32)
-            ref = x.double() @ deq.T
-            got = native.int4_gemv(lib, x, w4.packed, w4.scales_and_zeros, group)[:, :n]
-            assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (m, group)
         for out_dt in (torch.float32, torch.bfloat16):
             out = torch.full((n - 9, 192), float("nan"), dtype=out_dt)
             native.int4_dequant(lib, w4.packed, w4.scales_and_zeros, group, 5, n - 4, out)

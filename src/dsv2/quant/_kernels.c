@@ -1,10 +1,12 @@
-/* dsv2's int8 / int4 weight kernels for the CPU: plain C, compiled on first use by dsv2/quant/native.py
- * (cc -O3 -march=native -fopenmp) and called through ctypes. The pure-PyTorch path (aten's
- * _weight_int8pack_mm / _weight_int4pack_mm_for_cpu) is used wherever this library cannot be built.
+/* dsv2's CPU kernels for int8 / int4 / bf16 weights: plain C, compiled on first use by
+ * dsv2/quant/native.py (cc -O3 -march=native -fopenmp) and called through ctypes: GEMVs for int8 and bf16
+ * weights, and int8 / int4 dequantisation of row panels for the dense GEMM. The pure-PyTorch path (aten's
+ * kernels, F.linear) is used wherever this library cannot be built; one-row int4 products stay on aten's
+ * _weight_int4pack_mm_for_cpu, which was faster than a plain unpack-and-FMA kernel here.
  *
  * Shapes: M activation rows, N output features (rows of the weight), K input features, g int4 group.
  * Weights use the layouts dsv2/quant/kernels.py stores:
- *   int8: q (N, K) int8 row-major, scale (N,): w = q * scale.
+ *   int8: q (N, K) int8 row-major, scale (N,): w = q * scale. bf16: w (N, K) row-major, as stored.
  *   int4: aten's CPU pack, packed (Np, Kp/2) uint8 with Np % 16 == 0: rows in blocks of 64, each block a
  *         (Kp, 32) byte array whose low nibbles are rows 0..31 and high nibbles rows 32..63 of the block;
  *         a last block of t < 64 rows is a (Kp, t/2) array with row 2j in the low and row 2j+1 in the high
@@ -42,7 +44,6 @@ static inline float load(const void *p, int64_t i, int is_bf16) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define VW 16
-#define MC 4 /* activation rows per pass: 4 x (64 / 16) accumulators fit the 32 registers */
 typedef __m512 vf;
 static inline vf vzero(void) { return _mm512_setzero_ps(); }
 static inline vf vset1(float a) { return _mm512_set1_ps(a); }
@@ -55,10 +56,6 @@ static inline vf cvt_i8(const int8_t *p) {
 }
 static inline vf cvt_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-static inline vf cvt_nib(const uint8_t *p, int shift) {
-    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)));
 }
 typedef __m512i vi;
 static inline vi gather32(const uint8_t *base) { /* VW dwords, 32 bytes apart */
@@ -81,7 +78,6 @@ static inline void store_w(void *out, int64_t i, vf w, int out_bf16) {
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VW 8
-#define MC 1 /* 16 registers: one activation row's 8 accumulators per pass */
 typedef __m256 vf;
 static inline vf vzero(void) { return _mm256_setzero_ps(); }
 static inline vf vset1(float a) { return _mm256_set1_ps(a); }
@@ -99,10 +95,6 @@ static inline vf cvt_i8(const int8_t *p) {
 }
 static inline vf cvt_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-static inline vf cvt_nib(const uint8_t *p, int shift) {
-    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15)));
 }
 typedef __m256i vi;
 static inline vi gather32(const uint8_t *base) { /* VW dwords, 32 bytes apart */
@@ -126,7 +118,6 @@ static inline void store_w(void *out, int64_t i, vf w, int out_bf16) {
 }
 #else
 #define VW 1
-#define MC 1
 typedef float vf;
 static inline vf vzero(void) { return 0.f; }
 static inline vf vset1(float a) { return a; }
@@ -136,7 +127,6 @@ static inline float vsum(vf a) { return a; }
 static inline void vstore(float *p, vf a) { *p = a; }
 static inline vf cvt_i8(const int8_t *p) { return (float)*p; }
 static inline vf cvt_bf16(const uint16_t *p) { return bf2f(*p); }
-static inline vf cvt_nib(const uint8_t *p, int shift) { return (float)((*p >> shift) & 15); }
 #endif
 
 /* The GEMV for up to 16 activation rows, for any weight element type W with a vector converter CVT and a
@@ -220,86 +210,6 @@ void dsv2_int8_dequant(const int8_t *q, const void *scale, int scale_bf16, void 
 }
 
 /* ---- int4 ------------------------------------------------------------------------------------ */
-
-/* y (M, Np) = x (M, Kp) @ W^T with W = (q - 8) * scale + zero per group of g columns.
- * Per group: x . w_r = scale_r * (sum_k x_k q_rk - 8 sum_k x_k) + zero_r * sum_k x_k, so the inner loop
- * is a plain dot product with the 4-bit codes. A full 64-row block keeps its 64 sums in registers
- * (64 / VW vectors per activation row, MC rows per pass); a last block of fewer rows goes scalar. */
-#define NV (64 / VW)
-static inline __attribute__((always_inline)) void int4_block(const uint8_t *bp, const float *const *xr, int mc,
-                                                              int64_t k0, int64_t g, float sums[MC][64]) {
-    vf acc[MC][NV];
-    for (int j = 0; j < mc; j++)
-        for (int v = 0; v < NV; v++) acc[j][v] = vzero();
-    for (int64_t k = k0; k < k0 + g; k++) {
-        const uint8_t *c = bp + k * 32;
-        for (int v = 0; v < NV; v++) {
-            /* vector v holds rows v*VW..: low nibbles for the block's first 32 rows, high ones after */
-            const vf w = cvt_nib(c + (v * VW) % 32, v * VW < 32 ? 0 : 4);
-            for (int j = 0; j < mc; j++) acc[j][v] = vfma(w, vset1(xr[j][k]), acc[j][v]);
-        }
-    }
-    for (int j = 0; j < mc; j++)
-        for (int v = 0; v < NV; v++) vstore(&sums[j][v * VW], acc[j][v]);
-}
-
-void dsv2_int4_gemv(const float *x, const uint8_t *packed, const void *sz, int sz_bf16, float *y,
-                    int64_t M, int64_t Np, int64_t Kp, int64_t g, int nthreads) {
-    const int64_t full = Np / 64, groups = Kp / g;
-    const int64_t nblocks = full + (Np > full * 64 ? 1 : 0);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t r0 = b * 64, rows = b < full ? 64 : Np - full * 64;
-        for (int64_t m0 = 0; m0 < M; m0 += MC) {
-            const int mc = M - m0 < MC ? (int)(M - m0) : MC;
-            float out[MC][64];
-            memset(out, 0, sizeof out);
-            const float *xr[MC];
-            for (int j = 0; j < mc; j++) xr[j] = x + (m0 + j) * Kp;
-            for (int64_t gi = 0; gi < groups; gi++) {
-                const int64_t k0 = gi * g;
-                float sums[MC][64], sx[MC];
-                for (int j = 0; j < mc; j++) {
-                    float t = 0.f;
-                    for (int64_t k = k0; k < k0 + g; k++) t += xr[j][k];
-                    sx[j] = t;
-                }
-                if (rows == 64) {
-                    const uint8_t *bp = packed + b * 32 * Kp;
-                    switch (mc) {
-#if MC >= 4
-                        case 4: int4_block(bp, xr, 4, k0, g, sums); break;
-                        case 3: int4_block(bp, xr, 3, k0, g, sums); break;
-                        case 2: int4_block(bp, xr, 2, k0, g, sums); break;
-#endif
-                        default: int4_block(bp, xr, 1, k0, g, sums); break;
-                    }
-                } else {
-                    const int64_t half = rows / 2;
-                    const uint8_t *bp = packed + full * 32 * Kp;
-                    for (int j = 0; j < mc; j++) {
-                        for (int64_t r = 0; r < rows; r++) sums[j][r] = 0.f;
-                        for (int64_t k = k0; k < k0 + g; k++) {
-                            const float xv = xr[j][k];
-                            const uint8_t *c = bp + k * half;
-                            for (int64_t i = 0; i < half; i++) {
-                                sums[j][2 * i] += xv * (float)(c[i] & 15);
-                                sums[j][2 * i + 1] += xv * (float)(c[i] >> 4);
-                            }
-                        }
-                    }
-                }
-                for (int64_t r = 0; r < rows; r++) {
-                    const int64_t i = (gi * Np + r0 + r) * 2;
-                    const float s = load(sz, i, sz_bf16), z = load(sz, i + 1, sz_bf16);
-                    for (int j = 0; j < mc; j++) out[j][r] += s * (sums[j][r] - 8.f * sx[j]) + z * sx[j];
-                }
-            }
-            for (int j = 0; j < mc; j++)
-                for (int64_t r = 0; r < rows; r++) y[(m0 + j) * Np + r0 + r] = out[j][r];
-        }
-    }
-}
 
 /* One dequantised row: codes (Kp,) one per byte, its group scales/zeros, written as fp32 or bf16. */
 static inline void int4_row(const uint8_t *codes, const void *sz, int sz_bf16, int64_t r, int64_t Np, int64_t k0,

@@ -37,7 +37,6 @@ _SIGNATURES = {
     "dsv2_int8_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
     "dsv2_bf16_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
     "dsv2_int8_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _int],
-    "dsv2_int4_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int],
     "dsv2_int4_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _i64, _i64, _int],
 }
 
@@ -95,7 +94,7 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
         why = f"{e}: {detail[-500:]}" if detail else str(e)
-        warnings.warn(f"dsv2: the C int8/int4 kernels could not be built ({why}); using PyTorch's kernels",
+        warnings.warn(f"dsv2: the C kernels could not be built ({why}); using PyTorch's kernels",
                       RuntimeWarning, stacklevel=2)
         lib = None
     _state["lib"] = lib
@@ -151,19 +150,6 @@ def int8_dequant(lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor, r0: int
     lib.dsv2_int8_dequant(_ptr(q), _ptr(scale), _scale_flag(scale), _ptr(out), int(out.dtype == torch.bfloat16),
                           r0, r1, q.shape[1], torch.get_num_threads())
     return out
-
-
-def int4_gemv(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
-              ) -> torch.Tensor:
-    """x (M,Kp) -> (M,Np) fp32 for aten's CPU int4 pack (packed (Np,Kp/2), sz (Kp/g,Np,2))."""
-    xf = x.float().contiguous()
-    packed, sz = packed.contiguous(), sz.contiguous()
-    m, kp = xf.shape
-    np_ = packed.shape[0]
-    y = torch.empty(m, np_, dtype=torch.float32)
-    lib.dsv2_int4_gemv(_ptr(xf), _ptr(packed), _ptr(sz), _scale_flag(sz), _ptr(y), m, np_, kp, group_size,
-                       torch.get_num_threads())
-    return y
 
 
 def int4_dequant(lib: ctypes.CDLL, packed: torch.Tensor, sz: torch.Tensor, group_size: int, r0: int, r1: int,
