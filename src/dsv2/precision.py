@@ -126,21 +126,18 @@ class CpuExperts(Experts):
     weight pass per row on AVX2), one with more rows is upcast on the fly (~3-4 passes)."""
 
     GEMV_ROWS = 4
+    linear = staticmethod(linear)  # one-token matmuls: bf16 weights through dsv2's C GEMV
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         out = upcast_dtype(x)
-        inference = not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
         if out is None:
-            if inference and x.shape[0] == 1 and keep is None:  # one token: the C GEMV for bf16 experts
-                return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj,
-                                      gu=self.fused_gate_up(), linear=linear)
-            return super().forward(x, idx, weight, keep)
-        if inference and x.dtype == self.gate_proj.dtype:
+            return super().forward(x, idx, weight, keep)  # one token through `linear`: bf16 GEMVs in C
+        if not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and x.dtype == self.gate_proj.dtype:
             gu = self.fused_gate_up()
             if x.shape[0] == 1 and keep is None:  # one token: GEMVs as stored (<= GEMV_ROWS rows each)
                 return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj,
-                                      out_dtype=torch.float32, gu=gu, linear=linear).to(out)
+                                      out_dtype=torch.float32, gu=gu, linear=self.linear).to(out)
             token, order, counts = self.plan(idx, keep)
             y = self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
                               upcast_rows=self.GEMV_ROWS, gu=gu)

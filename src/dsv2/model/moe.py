@@ -124,6 +124,9 @@ def swiglu(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, g
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked, dispatched by sorting the (token, slot) picks by expert."""
 
+    # the matmul of a one-token (decode) pass; a platform policy's subclass may replace it (dsv2.precision)
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = staticmethod(F.linear)
+
     def __init__(self, n_experts: int, dim: int, hidden: int, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -149,7 +152,8 @@ class Experts(nn.Module):
         """x (N,D), idx/weight (N,K) -> Σ_k weight·expert_idx(x), (N,D). keep (N,K) bool skips picks."""
         gu = self.fused_gate_up()
         if x.shape[0] == 1 and keep is None and not torch.is_grad_enabled():
-            return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj, gu=gu)
+            return self.one_token(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj, gu=gu,
+                                  linear=self.linear)
         token, order, counts = self.plan(idx, keep)
         return self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj, gu=gu)
 
