@@ -196,11 +196,15 @@ class Int4Weight:
         if lib is not None and x.shape[0] > INT4_DEQUANT_ROWS:
             packed, sz, g, kp = self.packed.contiguous(), self.scales_and_zeros.contiguous(), self.group_size, \
                 self.packed.shape[1] * 2
+            padded: list[torch.Tensor] = []  # K padded to the group: one (rows, Kp) panel, reused
 
             def dequant(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
-                full = torch.empty(r1 - r0, kp, dtype=out.dtype) if kp != self.k else out
-                native.int4_dequant(lib, packed, sz, g, r0, r1, full)
-                return full if full is out else out.copy_(full[:, : self.k])
+                if kp == self.k:
+                    return native.int4_dequant(lib, packed, sz, g, r0, r1, out)
+                if not padded:
+                    padded.append(torch.empty(out.shape[0], kp, dtype=out.dtype))
+                full = native.int4_dequant(lib, packed, sz, g, r0, r1, padded[0][: r1 - r0])
+                return out.copy_(full[:, : self.k])
             return panel_mm(x, self.n, dequant)
         if lib is None and x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"]:
             dt = _gemm_dtype(x)
