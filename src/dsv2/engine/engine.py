@@ -75,9 +75,9 @@ class Engine:
     `Engine(model, config)` or `Engine(model, **fields of EngineConfig)`; `tokenizer` (anything with
     `decode(ids) -> str`, e.g. a `tokenizers.Tokenizer`) gives requests their text (`Request.text`,
     decoded incrementally) and makes `SamplingParams.stop` strings work. The engine takes the model as
-    it is given and changes it in place: eval mode, on a CPU without native bf16 GEMMs the precision
-    pass of `dsv2.precision.prepare`, and `dsv2.fuse.fuse_gate_up` (gate and up projections as one
-    matmul); both keep the same parameters and results, with faster matmuls.
+    it is given and changes it in place: eval mode, for a bf16/fp16 model on the CPU the precision pass
+    of `dsv2.precision.prepare`, and (without `compile`) `dsv2.fuse.fuse_gate_up` (gate and up
+    projections as one matmul); both keep the same parameters and results, with faster matmuls.
     """
 
     def __init__(self, model: DeepseekV2, config: EngineConfig | None = None, tokenizer: Any = None,
