@@ -14,7 +14,7 @@ import torch
 
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine, SamplingParams
-from dsv2.engine.compiled import CompiledDecode, is_decode_step, static_experts
+from dsv2.engine.compiled import CompiledDecode, is_decode_step
 from dsv2.engine.runner import SeqWork
 from dsv2.model import DeepseekV2
 from dsv2.model.moe import Experts
@@ -38,7 +38,7 @@ def test_static_experts_equal_dispatch(n: int) -> None:
     idx = torch.stack([torch.randperm(6)[:2] for _ in range(n)])
     weight = torch.rand(n, 2)
     want = ex(x, idx, weight)
-    got = static_experts(x, idx, weight, ex.gate_proj, ex.up_proj, ex.down_proj)
+    got = Experts.gathered(x, idx, weight, ex.gate_proj, ex.up_proj, ex.down_proj)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from dsv2.engine.backend import gathered_gqa_decode, gathered_mla_decode
 from dsv2.engine.cache import PagedCache
@@ -59,25 +58,13 @@ class DecodeBackend:
         return gathered_gqa_decode(self.cache, attn, layer_idx, q[0], self.index, self.valid)[None]
 
 
-def static_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, wg: torch.Tensor,
-                   wu: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
-    """Σ_k weight·SwiGLU_idx(x) for a few tokens x (N,D), idx/weight (N,K), experts wg/wu (E,I,D), wd
-    (E,D,I): the same expert math as `Experts.dispatch`, written as elementwise products and sums over
-    indexed weights, which inductor fuses into one loop per projection reading each picked expert's rows
-    in place (a matmul over gathered weights would copy them first)."""
-    xk = x[:, None, None, :]  # (N,1,1,D)
-    h = F.silu((wg[idx] * xk).sum(-1)) * (wu[idx] * xk).sum(-1)  # (N,K,I)
-    y = (wd[idx] * h[:, :, None, :]).sum(-1)  # (N,K,D)
-    return (y * weight[..., None].to(y.dtype)).sum(1).to(x.dtype)
-
-
 class _StaticExperts:
-    """Mixin of the swapped experts classes: under torch.compile, `static_experts`; eagerly, as before."""
+    """Mixin of the swapped experts classes: under torch.compile, `Experts.gathered`; eagerly, as before."""
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling() and keep is None:
-            return static_experts(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj)
+            return self.gathered(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj)
         return super().forward(x, idx, weight, keep)
 
 

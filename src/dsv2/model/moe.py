@@ -177,6 +177,18 @@ class Experts(nn.Module):
         return acc.to(out_dtype or x.dtype)
 
     @staticmethod
+    def gathered(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
+                 wd: torch.Tensor) -> torch.Tensor:
+        """`dispatch` for a few tokens with static shapes (no sort, no host read of the counts: what a
+        compiled graph needs): each token's K experts' weights read by index and the SwiGLU written as
+        elementwise products and sums, which inductor fuses into one loop per projection reading the picked
+        rows in place (a matmul over gathered weights would copy them first). x (N,D), idx/weight (N,K)."""
+        xk = x[:, None, None, :]  # (N,1,1,D)
+        h = F.silu((wg[idx] * xk).sum(-1)) * (wu[idx] * xk).sum(-1)  # (N,K,I)
+        y = (wd[idx] * h[:, :, None, :]).sum(-1)  # (N,K,D)
+        return (y * weight[..., None].to(y.dtype)).sum(1).to(x.dtype)
+
+    @staticmethod
     def dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
                  weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
                  upcast_rows: int | None = None, gu: torch.Tensor | None = None) -> torch.Tensor:
