@@ -99,7 +99,8 @@ class LegacyRunner:
         c_kv, k_pe = attn.project_kv(h, cos, sin)  # (B,1,C), (B,1,R)
         self.cache.write(i, slots, torch.cat((c_kv, k_pe), dim=-1)[:, 0])  # (B,C+R)
         # the old absorbed_weights() returned fp32 copies where bf16 GEMM is not native
-        w_uk, w_uv_t = attn.absorbed_weights(torch.float32 if self.upcast else None)
+        w_uk_t, w_uv = attn.absorbed_weights(torch.float32 if self.upcast else None)
+        w_uk, w_uv_t = w_uk_t.transpose(1, 2), w_uv.transpose(1, 2)  # the old (H,Dn,C) / (H,C,Dv) views
         hh, c = w_uk.shape[0], w_uk.shape[2]
         q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1).to(w_uk.dtype), w_uk)  # (H,B,C)
         q_full = torch.cat((q_lat, q_pe[:, 0].transpose(0, 1).to(w_uk.dtype)), dim=-1)  # (H,B,C+R)

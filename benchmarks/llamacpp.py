@@ -126,6 +126,23 @@ def make_checkpoint(path: str) -> None:
     print(f"wrote {path}: {cfg.num_parameters() / 1e6:.0f}M parameters (bf16) + tokenizer.json")
 
 
+def quantized_folder(args: argparse.Namespace, f: str) -> str:
+    """Where dsv2 format f loads from: --checkpoint, or with --quantized-dir (int8 / int4) a `dsv2 quantize`d
+    copy of it, written first if missing (what a user would run: the embedding then stays memory-mapped)."""
+    fmt, gs = DSV2_FORMATS[f]
+    if args.quantized_dir is None or fmt == "bf16":
+        return args.checkpoint
+    from dsv2.quant.convert import quantize_folder
+
+    folder = args.quantized_dir / f.replace(" ", "-")
+    if not (folder / "config.json").is_file():
+        print(f"writing {folder} (dsv2 quantize {args.checkpoint} {folder} --weights {fmt}"
+              + (f" --group-size {gs})" if fmt == "int4" else ")"),
+              flush=True)
+        quantize_folder(args.checkpoint, folder, fmt, gs if fmt == "int4" else None)
+    return str(folder)
+
+
 def run_llama(cmd: list[str]) -> LlamaRun:
     """Run one llama.cpp process under /usr/bin/time for its peak RSS. (wait4() from this process would not
     do: a child's high-water mark starts from the forked copy of this process, several GiB.)"""
@@ -209,6 +226,9 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, nargs="*", default=None, help="sequence counts (none: skip)")
     ap.add_argument("--reps", type=int, default=None, help="llama-bench repetitions / dsv2 calls per row")
     ap.add_argument("--no-rss", action="store_true", help="skip dsv2's one-process-per-format memory rows")
+    ap.add_argument("--quantized-dir", type=Path, default=None,
+                    help="load dsv2's int8 / int4 formats from `dsv2 quantize`d folders here (int8, int4-g32, "
+                         "int4-g128; written from --checkpoint when missing) instead of quantising while loading")
     args = ap.parse_args()
     if args.make_checkpoint:
         make_checkpoint(args.checkpoint)
@@ -244,10 +264,11 @@ def main() -> None:
     fmts = [f for t in args.types for f in pairs[t]]
     max_tokens = max([4096, *(c + 64 for c in contexts), *(n + 64 for n in prompts),
                       *(n * 64 + 64 for n in parallel)]) + 64
+    sources = {f: quantized_folder(args, f) for f in fmts}
     models, engines = {}, {}
     for f in fmts:
         fmt, gs = DSV2_FORMATS[f]
-        models[f] = build(fmt, gs, args.checkpoint)
+        models[f] = build(fmt, gs, sources[f])
         engines[f] = Engine(models[f], kv_cache_dtype="bf16", max_tokens=max_tokens, prefix_caching=False,
                             max_batch=max(64, max(parallel)))
         print(f"dsv2 {f}: weights {weight_bytes(models[f], False) / 2**20:.0f} MiB "
@@ -325,7 +346,7 @@ def main() -> None:
         for t in args.types:
             for f in pairs[t]:
                 fmt, gs = DSV2_FORMATS[f]
-                ours[f] = rss_per_format([fmt], gs, args.checkpoint)[fmt]
+                ours[f] = rss_per_format([fmt], gs, sources[f])[fmt]
         for t in args.types:
             p0 = min(prompts, default=512)
             lp = llama.rss.get((t, f"prefill {p0}"), float("nan"))

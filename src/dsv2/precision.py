@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2.model.attention import MLA
 from dsv2.model.moe import Experts
 from dsv2.quant import native
 
@@ -66,6 +67,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             y = native.bf16_gemv(lib, x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
             return (y if b is None else y + b.float()).to(x.dtype)
     return F.linear(x, w, b)
+
+
+def bmm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ bᵀ per batch, (B,M,K) x (B,N,K) -> (B,M,N) in a's dtype, except a few rows times a bf16 b on the CPU
+    in inference: dsv2's batched C GEMV (MLA's per-head W_UK / W_UV products of a decode step: PyTorch's bf16
+    bmm reads those weights at ~4.5 GB/s here). torch.bmm wherever the C library is missing or off."""
+    if (b.dtype == torch.bfloat16 and a.dtype in (torch.bfloat16, torch.float32) and a.shape[1] <= 4
+            and b.stride(-1) == 1 and a.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        lib = native.library()
+        if lib is not None:
+            return native.bf16_bgemv(lib, a, b).to(a.dtype)
+    return torch.bmm(a, b.transpose(1, 2))
 
 
 def _onednn_packing() -> bool:
@@ -149,7 +163,13 @@ class CpuExperts(Experts):
         return y.to(out)
 
 
-_SWAPS: dict[type, type] = {nn.Linear: CpuLinear, Experts: CpuExperts}
+class CpuMLA(MLA):
+    """MLA whose absorbed per-head products (W_UK / W_UV, a decode step's few rows) run through `bmm_nt`."""
+
+    bmm_nt = staticmethod(bmm_nt)
+
+
+_SWAPS: dict[type, type] = {nn.Linear: CpuLinear, Experts: CpuExperts, MLA: CpuMLA}
 
 
 def prepare(model: nn.Module, device: torch.device | str | None = None,

@@ -15,6 +15,7 @@ from dsv2.model.moe import Experts
 from dsv2.quant import QuantError, QuantExperts, QuantLinear, native
 from dsv2.quant.kernels import (
     INT4_DEQUANT_ROWS,
+    INT4_GEMV_ROWS,
     INT8_DEQUANT_ROWS,
     Int4Weight,
     pack_int4,
@@ -95,7 +96,7 @@ def test_int4_linear_matches_float64_dequantised_reference(dtype: torch.dtype, n
     sz = mod.scales_and_zeros.double()  # (Kp/g, Np, 2)
     s, z = sz[..., 0].T[:n].repeat_interleave(group, 1), sz[..., 1].T[:n].repeat_interleave(group, 1)
     deq = (q[:n].double() - 8) * s + z  # (n, Kp)
-    for m in (1, 5, 33, INT4_DEQUANT_ROWS + 5):  # kernel rows, and the dequantise + GEMM path
+    for m in (1, 5, INT4_GEMV_ROWS, 33, INT4_DEQUANT_ROWS + 5):  # kernel rows, and the dequantise + GEMM path
         x = _x(m, k, dtype)
         ref = F.pad(x.double(), (0, deq.shape[1] - k)) @ deq.T
         y = mod(x)
@@ -215,6 +216,47 @@ def test_c_int4_dequant_matches_float64(kernels: str, n: int) -> None:
             native.int4_dequant(lib, w4.packed, w4.scales_and_zeros, group, 5, n - 4, out)
             torch.testing.assert_close(out.double(), deq[5:n - 4].to(out_dt).double(),
                                        rtol=1e-6 if out_dt == torch.float32 else 8e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("n, k", [(64, 128), (176, 256), (80, 64)])  # whole blocks; a last block of 48 / 16 rows
+def test_c_int4_gemv_matches_float64(kernels: str, n: int, k: int) -> None:
+    """dsv2_int4_gemv (its vector path where this build has one, else the plain loop) for 1..9 rows, against
+    the float64 product with the stored codes and bf16 scales: the code sums are exact, so only fp32
+    accumulation differs."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    for group in (32, 64) if k % 64 == 0 else (32,):
+        w4 = Int4Weight.quantize(_w(n, k), group, torch.bfloat16)
+        deq = w4.dequantize(torch.float64)
+        for m in range(1, 10):
+            x = _x(m, k, torch.bfloat16)
+            ref = x.double() @ deq.T
+            y = native.int4_gemv(lib, x, w4.packed, w4.scales_and_zeros, group)
+            assert y.shape == (m, w4.packed.shape[0]) and y.dtype == torch.float32
+            assert (y[:, :n].double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (group, m)
+    with pytest.raises(TypeError, match="bf16 activations and scales"):
+        native.int4_gemv(lib, x.float(), w4.packed, w4.scales_and_zeros, group)
+    with pytest.raises(ValueError, match=f"activations have {k - 2} columns, the packed weight {k}"):
+        native.int4_gemv(lib, x[:, 2:], w4.packed, w4.scales_and_zeros, group)
+
+
+def test_c_bf16_batched_gemv_on_strided_heads(kernels: str) -> None:
+    """dsv2_bf16_bgemv on per-head row blocks of one weight (MLA's W_UV: rows h*(Dn+Dv)+Dn.. of kv_b_proj),
+    1..5 rows per head (5: a second tile of rows)."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    h, dn, dv, c = 3, 8, 12, 40
+    w = _w(h * (dn + dv), c).bfloat16().view(h, dn + dv, c)[:, dn:]  # (H,Dv,C), rows strided
+    for m, dt in [(m, dt) for m in range(1, 6) for dt in (torch.float32, torch.bfloat16)]:
+        x = _x(h * m, c, dt).view(h, m, c)  # bf16 rows: the dot-product loop where the CPU has one
+        ref = x.double() @ w.double().transpose(1, 2)
+        y = native.bf16_bgemv(lib, x, w)
+        assert y.shape == (h, m, dv)
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (m, dt)
+    with pytest.raises(ValueError, match="contiguous weight rows"):
+        native.bf16_bgemv(lib, x, w.transpose(1, 2))
 
 
 def test_c_library_that_cannot_be_built_falls_back_with_a_warning(kernels: str, monkeypatch, tmp_path) -> None:

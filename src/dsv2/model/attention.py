@@ -122,34 +122,40 @@ class MLA(nn.Module):
         return self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))[:, self.d_nope :]
 
     def absorbed_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contiguous (H,Dn,C) W_UK and (H,C,Dv) W_UVᵀ in `dtype` (default: the weight's); cached while
-        kv_b_proj is unchanged (the cache follows in-place updates: the weight's version counter).
-        Views of the weight, not cached, with autograd on or under torch.compile (which traces no cache)."""
+        """W_UKᵀ (H,C,Dn) contiguous and W_UV (H,Dv,C) in `dtype` (default: the weight's), both with
+        contiguous rows for `bmm_nt`. W_UV is a view of kv_b_proj's weight when no cast is asked for; the
+        W_UKᵀ copy (and a cast W_UV) is cached while kv_b_proj is unchanged (the cache follows in-place
+        updates: the weight's version counter). Views of the weight, not cached, with autograd on or under
+        torch.compile (which traces no cache)."""
         w = self.kv_b_proj.weight
         dtype = dtype or w.dtype
         if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
-            return self.w_uk.to(dtype), self.w_uv.transpose(1, 2).to(dtype)
+            return self.w_uk.transpose(1, 2).to(dtype), self.w_uv.to(dtype)
         key = (w.data_ptr(), w._version, dtype, w.device)
         if self._absorbed is None or self._absorbed[0] != key:
-            wc = w.detach().to(dtype).unflatten(0, (self.n_heads, -1))  # (H,Dn+Dv,C)
-            self._absorbed = (key, wc[:, : self.d_nope].contiguous(), wc[:, self.d_nope :].transpose(1, 2).contiguous())
+            wc = w.detach().to(dtype).unflatten(0, (self.n_heads, -1))  # (H,Dn+Dv,C), a view when no cast
+            self._absorbed = (key, wc[:, : self.d_nope].transpose(1, 2).contiguous(), wc[:, self.d_nope :])
         return self._absorbed[1], self._absorbed[2]
+
+    # a @ bᵀ for each head: (H,M,K) x (H,N,K) -> (H,M,N), the absorbed path's per-head products. A class
+    # attribute, so that a precision pass can swap in another kernel (`dsv2.precision.CpuMLA`).
+    bmm_nt = staticmethod(lambda a, b: torch.bmm(a, b.transpose(1, 2)))
 
     def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, dtype: torch.dtype | None = None
                      ) -> torch.Tensor:
         """[W_UKᵀ q_nope ; q_pe] per head: q_nope (…,H,Dn), q_pe (…,H,R) -> (…,H,C+R), a query that scores
         the latent rows [c_kv ; k_R] directly (q_C·k_C = (W_UKᵀ q_C)·c_kv)."""
-        w_uk, _ = self.absorbed_weights(dtype)
+        w_uk_t, _ = self.absorbed_weights(dtype)
         lead, h = q_nope.shape[:-2], self.n_heads
-        qn = q_nope.reshape(-1, h, self.d_nope).transpose(0, 1).to(w_uk.dtype)  # (H,M,Dn)
-        q_lat = torch.bmm(qn, w_uk).transpose(0, 1)  # (M,H,C)
-        return torch.cat((q_lat, q_pe.reshape(-1, h, self.d_rope).to(w_uk.dtype)), dim=-1).view(*lead, h, -1)
+        qn = q_nope.reshape(-1, h, self.d_nope).transpose(0, 1).to(w_uk_t.dtype)  # (H,M,Dn)
+        q_lat = self.bmm_nt(qn, w_uk_t).to(w_uk_t.dtype).transpose(0, 1)  # (M,H,C)
+        return torch.cat((q_lat, q_pe.reshape(-1, h, self.d_rope).to(w_uk_t.dtype)), dim=-1).view(*lead, h, -1)
 
     def absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """W_UV per head on the attended latent: o_lat (…,H,C) -> (…,H*Dv), in o_lat's dtype."""
-        _, w_uv_t = self.absorbed_weights(o_lat.dtype)
+        _, w_uv = self.absorbed_weights(o_lat.dtype)
         lead, h = o_lat.shape[:-2], self.n_heads
-        o = torch.bmm(o_lat.reshape(-1, h, self.kv_rank).transpose(0, 1), w_uv_t)  # (H,M,Dv)
+        o = self.bmm_nt(o_lat.reshape(-1, h, self.kv_rank).transpose(0, 1), w_uv).to(o_lat.dtype)  # (H,M,Dv)
         return o.transpose(0, 1).reshape(*lead, h * self.d_v)
 
     # ---- attention ---------------------------------------------------------------------------

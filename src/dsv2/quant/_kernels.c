@@ -14,10 +14,11 @@
  * Scales are fp32 or bf16 (flag *_bf16), activations fp32, results fp32 (GEMV) or fp32 / bf16 (dequant).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifndef PF_ROWS
-#define PF_ROWS 8 /* the GEMVs prefetch the weight row this many rows ahead */
+#define PF_ROWS 8 /* the 4-row GEMVs prefetch the weight row this many rows ahead */
 #endif
 
 static inline float bf2f(uint16_t b) {
@@ -129,13 +130,15 @@ static inline vf cvt_i8(const int8_t *p) { return (float)*p; }
 static inline vf cvt_bf16(const uint16_t *p) { return bf2f(*p); }
 #endif
 
-/* The GEMV for up to 16 activation rows, for any weight element type W with a vector converter CVT and a
- * scalar one SCL: y (M, N) = x (M, K) @ (w * scale)^T (scale NULL: 1). Weight rows in fours, activation
- * rows in up to fours: every weight vector is converted once per pass and every activation vector loaded
- * once per 4 weight rows (a short last group of weight rows repeats its last row, never written). */
+/* The GEMV for a few activation rows, for any weight element type W with a vector converter CVT and a
+ * scalar one SCL: y (M, N) = x (M, K) @ (w * scale)^T (scale NULL: 1), for B such products at once
+ * (batch strides ldxb / ldwb / ldyb; weight rows ldw apart). Weight rows in fours, activation rows in up to
+ * fours: every weight vector is converted once per pass and every activation vector loaded once per 4
+ * weight rows (a short last group of weight rows repeats its last row, never written). */
 #define DEFINE_GEMV(NAME, W, CVT, SCL)                                                                        \
     static inline __attribute__((always_inline)) void NAME##_tile(const W *const *wr, const float *const *xr, \
-                                                                  int mc, int64_t K, float out[4][4]) {       \
+                                                                  int mc, int64_t K, int64_t ldw,             \
+                                                                  float out[4][4]) {                          \
         const int64_t kv = K / VW * VW;                                                                       \
         vf acc[4][4];                                                                                         \
         for (int i = 0; i < 4; i++)                                                                           \
@@ -144,7 +147,7 @@ static inline vf cvt_bf16(const uint16_t *p) { return bf2f(*p); }
             vf w[4];                                                                                          \
             /* the next 4 rows, same columns: rows of a few KiB end at page boundaries, where the hardware   \
                prefetcher stops, so each new row would start cold */                                          \
-            for (int i = 0; i < 4; i++) __builtin_prefetch(wr[i] + PF_ROWS * K + k, 0, 0);                       \
+            for (int i = 0; i < 4; i++) __builtin_prefetch(wr[i] + PF_ROWS * ldw + k, 0, 0);                     \
             for (int i = 0; i < 4; i++) w[i] = CVT(wr[i] + k);                                                \
             for (int j = 0; j < mc; j++) {                                                                    \
                 vf xv = vload(xr[j] + k);                                                                     \
@@ -158,29 +161,36 @@ static inline vf cvt_bf16(const uint16_t *p) { return bf2f(*p); }
                 out[i][j] = a;                                                                                \
             }                                                                                                 \
     }                                                                                                         \
-    void NAME(const float *x, const W *q, const void *scale, int scale_bf16, float *y, int64_t M, int64_t N,  \
-              int64_t K, int nthreads) {                                                                      \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                   \
-        for (int64_t n0 = 0; n0 < N; n0 += 4) {                                                               \
-            const W *wr[4];                                                                                   \
-            for (int i = 0; i < 4; i++) wr[i] = q + (n0 + i < N ? n0 + i : N - 1) * K;                        \
-            for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                           \
-                const float *xr[4];                                                                           \
-                const int mc = M - m0 < 4 ? (int)(M - m0) : 4;                                                \
-                for (int j = 0; j < mc; j++) xr[j] = x + (m0 + j) * K;                                        \
-                float out[4][4];                                                                              \
-                switch (mc) {                                                                                 \
-                    case 1: NAME##_tile(wr, xr, 1, K, out); break;                                            \
-                    case 2: NAME##_tile(wr, xr, 2, K, out); break;                                            \
-                    case 3: NAME##_tile(wr, xr, 3, K, out); break;                                            \
-                    default: NAME##_tile(wr, xr, 4, K, out); break;                                           \
-                }                                                                                             \
-                for (int i = 0; i < 4 && n0 + i < N; i++) {                                                   \
-                    const float s = scale ? load(scale, n0 + i, scale_bf16) : 1.f;                            \
-                    for (int j = 0; j < mc; j++) y[(m0 + j) * N + n0 + i] = out[i][j] * s;                    \
+    static void NAME##_batched(const float *x, int64_t ldxb, const W *q, int64_t ldwb, int64_t ldw,           \
+                               const void *scale, int scale_bf16, float *y, int64_t ldyb, int64_t B,          \
+                               int64_t M, int64_t N, int64_t K, int nthreads) {                               \
+        _Pragma("omp parallel for collapse(2) num_threads(nthreads) schedule(static)")                       \
+        for (int64_t b = 0; b < B; b++)                                                                       \
+            for (int64_t n0 = 0; n0 < N; n0 += 4) {                                                           \
+                const W *wr[4];                                                                               \
+                for (int i = 0; i < 4; i++) wr[i] = q + b * ldwb + (n0 + i < N ? n0 + i : N - 1) * ldw;       \
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                       \
+                    const float *xr[4];                                                                       \
+                    const int mc = M - m0 < 4 ? (int)(M - m0) : 4;                                            \
+                    for (int j = 0; j < mc; j++) xr[j] = x + b * ldxb + (m0 + j) * K;                         \
+                    float out[4][4];                                                                          \
+                    switch (mc) {                                                                             \
+                        case 1: NAME##_tile(wr, xr, 1, K, ldw, out); break;                                   \
+                        case 2: NAME##_tile(wr, xr, 2, K, ldw, out); break;                                   \
+                        case 3: NAME##_tile(wr, xr, 3, K, ldw, out); break;                                   \
+                        default: NAME##_tile(wr, xr, 4, K, ldw, out); break;                                  \
+                    }                                                                                         \
+                    float *yb = y + b * ldyb;                                                                 \
+                    for (int i = 0; i < 4 && n0 + i < N; i++) {                                               \
+                        const float s = scale ? load(scale, n0 + i, scale_bf16) : 1.f;                        \
+                        for (int j = 0; j < mc; j++) yb[(m0 + j) * N + n0 + i] = out[i][j] * s;               \
+                    }                                                                                         \
                 }                                                                                             \
             }                                                                                                 \
-        }                                                                                                     \
+    }                                                                                                         \
+    void NAME(const float *x, const W *q, const void *scale, int scale_bf16, float *y, int64_t M, int64_t N,  \
+              int64_t K, int nthreads) {                                                                      \
+        NAME##_batched(x, 0, q, 0, K, scale, scale_bf16, y, 0, 1, M, N, K, nthreads);                         \
     }
 
 static inline float i8f(int8_t v) { return (float)v; }
@@ -189,7 +199,80 @@ static inline float i8f(int8_t v) { return (float)v; }
 DEFINE_GEMV(dsv2_int8_gemv, int8_t, cvt_i8, i8f)
 /* bf16 weights as stored (scale NULL): PyTorch's bf16 GEMV reads at a fraction of the bus speed on CPUs
  * without AMX; converting to fp32 in registers is a shift */
-DEFINE_GEMV(dsv2_bf16_gemv, uint16_t, cvt_bf16, bf2f)
+DEFINE_GEMV(bf16w_gemv, uint16_t, cvt_bf16, bf2f)
+
+#if defined(__AVX512BF16__)
+/* bf16 weights times bf16 activations: one vdpbf16ps multiplies 32 pairs (exactly, summed in fp32), so the
+ * loop is a load and a dot product per 64 bytes of weight, and one weight row is read at a time: the
+ * weight is one sequential stream, which the hardware prefetcher follows across pages (24 GB/s on one Zen 4
+ * core, against 16 for 4 interleaved rows; the fp32 loops above are compute-bound and keep 4 rows) */
+static inline __attribute__((always_inline)) void bf16dp_row(const uint16_t *wr, const uint16_t *const *xr, int mc,
+                                                             int64_t K, float out[4]) {
+    const int64_t kv = K / 64 * 64;
+    __m512 acc[4][2];
+    for (int j = 0; j < mc; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kv; k += 64) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+        for (int j = 0; j < mc; j++) {
+            acc[j][0] = _mm512_dpbf16_ps(acc[j][0], w0, (__m512bh)_mm512_loadu_si512(xr[j] + k));
+            acc[j][1] = _mm512_dpbf16_ps(acc[j][1], w1, (__m512bh)_mm512_loadu_si512(xr[j] + k + 32));
+        }
+    }
+    for (int j = 0; j < mc; j++) {
+        float a = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
+        for (int64_t k = kv; k < K; k++) a += bf2f(xr[j][k]) * bf2f(wr[k]);
+        out[j] = a;
+    }
+}
+
+static void bf16dp_gemv_batched(const uint16_t *x, int64_t ldxb, const uint16_t *q, int64_t ldwb, int64_t ldw,
+                                float *y, int64_t ldyb, int64_t B, int64_t M, int64_t N, int64_t K, int nthreads) {
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t n = 0; n < N; n++) {
+            const uint16_t *wr = q + b * ldwb + n * ldw;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const uint16_t *xr[4];
+                const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
+                for (int j = 0; j < mc; j++) xr[j] = x + b * ldxb + (m0 + j) * K;
+                float out[4];
+                switch (mc) {
+                    case 1: bf16dp_row(wr, xr, 1, K, out); break;
+                    case 2: bf16dp_row(wr, xr, 2, K, out); break;
+                    case 3: bf16dp_row(wr, xr, 3, K, out); break;
+                    default: bf16dp_row(wr, xr, 4, K, out); break;
+                }
+                for (int j = 0; j < mc; j++) y[b * ldyb + (m0 + j) * N + n] = out[j];
+            }
+        }
+}
+#endif
+
+/* B bf16 GEMVs at once: y[b] (M, N) fp32 = x[b] (M, K) @ w[b]^T, each weight (N, K) with rows ldw apart (one
+ * weight: B = 1; MLA's per-head W_UK / W_UV: heads ldwb apart). x is bf16 (x_bf16) or fp32; one bf16 row on a
+ * CPU with AVX512_BF16 takes the dot-product loop, anything else the fp32 one (bf16 x widened first). */
+void dsv2_bf16_bgemv(const void *x, int x_bf16, int64_t ldxb, const uint16_t *w, int64_t ldwb, int64_t ldw,
+                     float *y, int64_t ldyb, int64_t B, int64_t M, int64_t N, int64_t K, int nthreads) {
+#if defined(__AVX512BF16__)
+    if (x_bf16 && M == 1) { /* several rows: the 4-row fp32 loop, which reuses each weight vector in registers */
+        bf16dp_gemv_batched((const uint16_t *)x, ldxb, w, ldwb, ldw, y, ldyb, B, M, N, K, nthreads);
+        return;
+    }
+#endif
+    if (!x_bf16) {
+        bf16w_gemv_batched((const float *)x, ldxb, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
+        return;
+    }
+    float *xf = (float *)malloc((size_t)(B * M * K) * sizeof(float));
+    if (!xf) { /* cannot happen for a GEMV's few rows; leave y as NaN rather than crash */
+        for (int64_t i = 0; i < B * M * N; i++) y[i] = __builtin_nanf("");
+        return;
+    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < M * K; i++) xf[b * M * K + i] = bf2f(((const uint16_t *)x)[b * ldxb + i]);
+    bf16w_gemv_batched(xf, M * K, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
+    free(xf);
+}
 
 /* rows [r0, r1) of q * scale into out ((r1 - r0), K), fp32 or bf16 */
 void dsv2_int8_dequant(const int8_t *q, const void *scale, int scale_bf16, void *out, int out_bf16,
@@ -286,3 +369,138 @@ void dsv2_int4_dequant(const uint8_t *packed, const void *sz, int sz_bf16, void 
         }
     }
 }
+
+/* ---- int4 GEMV: bf16 activations, bf16 scales ------------------------------------------------- */
+
+/* y (M, Np) fp32 = x (M, Kp) bf16 @ W^T for the int4 weight W above (packed, bf16 sz), summing per group
+ *   y = sum_g [ scale * sum_k q*x + (zero - 8*scale) * sum_k x ],
+ * the code sums exact (bf16 x times a small integer) and accumulated in fp32. xs (M, Kp/g) holds the
+ * group sums of x. With AVX512_BF16 + VBMI the codes become bf16 (128 + q) in registers, by one byte
+ * permutation, a shift and a bit-select, and two k columns of 16 rows meet their two activations in one
+ * vdpbf16ps (the 128 * sum_k x it adds is taken out with the group's zero term); elsewhere, and for the
+ * short last block, the plain loop below. */
+static void int4_block_ref(const uint16_t *x, const float *xs, const uint8_t *packed, const uint16_t *sz,
+                           float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int64_t b) {
+    const int64_t full = Np / 64, rows = b < full ? 64 : Np - full * 64, half = rows / 2;
+    const uint8_t *bp = packed + b * 32 * Kp;
+    const int64_t bytes_per_k = b < full ? 32 : half;
+    for (int64_t j = 0; j < rows; j++) {
+        const int64_t r = b * 64 + j;
+        /* full block: row j < 32 in the low nibble of byte j, row 32 + j in the high nibble of byte j;
+           short block: row 2i low, 2i + 1 high nibble of byte i */
+        const int64_t byte = rows == 64 ? j % 32 : j / 2;
+        const int shift = (rows == 64 ? j >= 32 : j % 2) ? 4 : 0;
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.f;
+            for (int64_t k0 = 0; k0 < Kp; k0 += g) {
+                const int64_t i = ((k0 / g) * Np + r) * 2;
+                const float s = bf2f(sz[i]), z = bf2f(sz[i + 1]);
+                float dot = 0.f;
+                for (int64_t k = k0; k < k0 + g; k++)
+                    dot += (float)((bp[k * bytes_per_k + byte] >> shift) & 15) * bf2f(x[m * Kp + k]);
+                acc += s * dot + (z - 8.f * s) * xs[m * (Kp / g) + k0 / g];
+            }
+            y[m * Np + r] = acc;
+        }
+    }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#define INT4_GEMV_FAST 1
+/* one full 64-row block for MC (1..4) activation rows: acc[m][0..3] = rows 0-15, 16-31, 32-47, 48-63 */
+static inline __attribute__((always_inline)) void int4_block_fast(const uint16_t *x, const float *xs,
+                                                                  const uint8_t *bp, const uint16_t *sz, float *y,
+                                                                  const int MC, int64_t Np, int64_t Kp, int64_t g,
+                                                                  int64_t row0) {
+    /* bytes k*32 + i (k even) hold the codes of column k; k*32 + 32 + i those of column k + 1. Dword lane i
+       of A = [byte i of column k, 0, byte i of column k+1, 0], of B the same for byte 16 + i */
+    __m512i ia, ib;
+    {
+        int8_t a[64], bb[64];
+        for (int i = 0; i < 16; i++) {
+            a[4 * i] = (int8_t)i, a[4 * i + 2] = (int8_t)(32 + i), a[4 * i + 1] = a[4 * i + 3] = 0;
+            bb[4 * i] = (int8_t)(16 + i), bb[4 * i + 2] = (int8_t)(48 + i), bb[4 * i + 1] = bb[4 * i + 3] = 0;
+        }
+        ia = _mm512_loadu_si512(a), ib = _mm512_loadu_si512(bb);
+    }
+    const __mmask64 even_bytes = 0x5555555555555555ULL;
+    const __m512i nib = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300); /* bf16 128 */
+    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000);
+    const __m512 c136 = _mm512_set1_ps(136.f);
+    const int64_t ng = Kp / g;
+    for (int64_t grp = 0; grp < ng; grp++) {
+        __m512 acc[4][4];
+        for (int m = 0; m < MC; m++)
+            for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+        const uint8_t *p = bp + grp * g * 32;
+        for (int64_t k = grp * g; k < grp * g + g; k += 2, p += 64) {
+            const __m512i src = _mm512_loadu_si512(p);
+            const __m512i a = _mm512_maskz_permutexvar_epi8(even_bytes, ia, src);
+            const __m512i b = _mm512_maskz_permutexvar_epi8(even_bytes, ib, src);
+            __m512bh w[4];
+            w[0] = (__m512bh)_mm512_ternarylogic_epi32(a, nib, bias, 0xEA); /* (a & nib) | bias */
+            w[1] = (__m512bh)_mm512_ternarylogic_epi32(b, nib, bias, 0xEA);
+            w[2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(a, 4), nib, bias, 0xEA);
+            w[3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 4), nib, bias, 0xEA);
+            for (int m = 0; m < MC; m++) {
+                int32_t pair;
+                memcpy(&pair, x + m * Kp + k, 4);
+                const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+                for (int q = 0; q < 4; q++) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], w[q], xb);
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            const int64_t r = row0 + 16 * q;
+            const __m512i v = _mm512_loadu_si512(sz + (grp * Np + r) * 2); /* 16 (scale, zero) bf16 pairs */
+            const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+            const __m512 c = _mm512_fnmadd_ps(c136, s, z); /* zero - 136 * scale */
+            for (int m = 0; m < MC; m++) {
+                float *yr = y + m * Np + r;
+                __m512 o = _mm512_fmadd_ps(acc[m][q], s, _mm512_loadu_ps(yr));
+                _mm512_storeu_ps(yr, _mm512_fmadd_ps(_mm512_set1_ps(xs[m * ng + grp]), c, o));
+            }
+        }
+    }
+}
+#else
+#define INT4_GEMV_FAST 0
+#endif
+
+/* 1 where dsv2_int4_gemv has its vector path (else it is the plain loop, for tests) */
+int dsv2_int4_gemv_fast(void) { return INT4_GEMV_FAST; }
+
+void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, float *xs, float *y, int64_t M,
+                    int64_t Np, int64_t Kp, int64_t g, int nthreads) {
+    const int64_t ng = Kp / g, nb = (Np + 63) / 64;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < ng; i++) {
+            float s = 0.f;
+            for (int64_t k = i * g; k < (i + 1) * g; k++) s += bf2f(x[m * Kp + k]);
+            xs[m * ng + i] = s;
+        }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+#if INT4_GEMV_FAST
+        if (b < Np / 64) {
+            const uint8_t *bp = packed + b * 32 * Kp;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) { /* the block stays in L2 across row tiles */
+                float *yb = y + m0 * Np + b * 64;
+                const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
+                for (int m = 0; m < mc; m++) memset(yb + m * Np, 0, 64 * sizeof(float));
+                const uint16_t *xm = x + m0 * Kp;
+                const float *xsm = xs + m0 * ng;
+                switch (mc) {
+                    case 1: int4_block_fast(xm, xsm, bp, sz, y + m0 * Np, 1, Np, Kp, g, b * 64); break;
+                    case 2: int4_block_fast(xm, xsm, bp, sz, y + m0 * Np, 2, Np, Kp, g, b * 64); break;
+                    case 3: int4_block_fast(xm, xsm, bp, sz, y + m0 * Np, 3, Np, Kp, g, b * 64); break;
+                    default: int4_block_fast(xm, xsm, bp, sz, y + m0 * Np, 4, Np, Kp, g, b * 64); break;
+                }
+            }
+            continue;
+        }
+#endif
+        int4_block_ref(x, xs, packed, sz, y, M, Np, Kp, g, b);
+    }
+}
+

@@ -32,6 +32,9 @@ _ROWS = 4096  # rows quantised at a time: bounds the fp32 temporaries for a (102
 # ~8 bytes/ns, int4: ~3 weights/ns per core); without it in PyTorch, whole, which pays off later.
 INT8_DEQUANT_ROWS = 16
 INT4_DEQUANT_ROWS = 24
+# bf16 activations and scales, on CPUs with AVX512_BF16 + VBMI: dsv2's int4 GEMV (one pass over the weight per
+# 4 rows at ~1 dot-product instruction per 32 multiply-adds) up to this many rows, instead of either above
+INT4_GEMV_ROWS = 24
 _FALLBACK_DEQUANT_ROWS = {"int8": 128, "int4": 192}
 _PANEL = 1 << 20  # weight elements dequantised per panel (2 MiB in bf16: stays in the L2/L3 cache)
 
@@ -193,9 +196,14 @@ class Int4Weight:
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M,K) -> (M,N) in x.dtype (scales_and_zeros must be in x.dtype)."""
         lib = native.library() if native.supports(x, self.scales_and_zeros) else None
+        kp = self.packed.shape[1] * 2
+        if (lib is not None and x.shape[0] <= INT4_GEMV_ROWS and x.dtype == self.scales_and_zeros.dtype
+                == torch.bfloat16 and native.fast_int4_gemv(lib)):
+            xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # (M,Kp)
+            y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size)
+            return (y if y.shape[1] == self.n else y[:, : self.n]).to(x.dtype)
         if lib is not None and x.shape[0] > INT4_DEQUANT_ROWS:
-            packed, sz, g, kp = self.packed.contiguous(), self.scales_and_zeros.contiguous(), self.group_size, \
-                self.packed.shape[1] * 2
+            packed, sz, g = self.packed.contiguous(), self.scales_and_zeros.contiguous(), self.group_size
             padded: list[torch.Tensor] = []  # K padded to the group: one (rows, Kp) panel, reused
 
             def dequant(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
@@ -209,7 +217,6 @@ class Int4Weight:
         if lib is None and x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"]:
             dt = _gemm_dtype(x)
             return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
-        kp = self.packed.shape[1] * 2
         if kp > self.k:
             x = F.pad(x, (0, kp - self.k))  # (M,Kp): zero activations make the padded columns vanish
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,

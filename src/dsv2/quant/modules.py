@@ -39,10 +39,14 @@ class _Quantised(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The activation dtype: that of the scales (it follows `.to(dtype)` of the module)."""
-        for name, buf in self.named_buffers(recurse=False):
-            if name.endswith("scales") or name.endswith("scales_and_zeros"):
+        for name, buf in self._buffers.items():  # not named_buffers(): this runs on every forward
+            if buf is not None and (name.endswith("scales") or name.endswith("scales_and_zeros")):
                 return buf.dtype
         return self._dtype
+
+    def _count(self, *ts: torch.Tensor) -> None:
+        # straight into __dict__: nn.Module.__setattr__ costs ~10 us, per matmul of a decode step
+        self.__dict__["bytes_read"] += sum(t.nbytes for t in ts)
 
     def _empty(self, prefix: str, lead: tuple[int, ...], n: int, k: int, device: torch.device | None) -> None:
         """Register uninitialised buffers for `lead` stacked (n,k) weights (meta on a meta device)."""
@@ -72,10 +76,10 @@ class _Quantised(nn.Module):
         q = getattr(self, f"{prefix}qweight")[index]
         if self.weights == "int8":
             s = getattr(self, f"{prefix}scales")[index]
-            self.bytes_read += q.nbytes + s.nbytes
+            self._count(q, s)
             return int8_mm(x, q, s)
         sz = getattr(self, f"{prefix}scales_and_zeros")[index]
-        self.bytes_read += q.nbytes + sz.nbytes
+        self._count(q, sz)
         if x.device.type != "cpu":
             raise QuantError(f"int4 weights run on the CPU kernel only; got activations on {x.device}")
         return Int4Weight(q, sz, n, k, self.group_size).mm(x)

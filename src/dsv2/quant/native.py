@@ -35,9 +35,10 @@ _state: dict[str, object] = {}
 _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "dsv2_int8_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
-    "dsv2_bf16_gemv": [_p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
     "dsv2_int8_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _int],
     "dsv2_int4_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _i64, _i64, _int],
+    "dsv2_bf16_bgemv": [_p, _int, _i64, _p, _i64, _i64, _p, _i64, _i64, _i64, _i64, _i64, _int],
+    "dsv2_int4_gemv": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
 }
 
 
@@ -72,11 +73,13 @@ def _build(cc: str, target: Path) -> None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it first if needed; None when disabled or unbuildable."""
-    if not enabled():
-        return None
+    """The loaded kernel library, building it first if needed; None when disabled or unbuildable. The
+    answer is kept (kernels ask on every call): `reset()` makes the next call look at the environment again."""
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
+    if not enabled():
+        _state["lib"] = None
+        return None
     lib = None
     cc = os.environ.get("CC", "cc")
     try:
@@ -91,6 +94,7 @@ def library() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
+        lib.dsv2_int4_gemv_fast.argtypes, lib.dsv2_int4_gemv_fast.restype = [], _int
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
         why = f"{e}: {detail[-500:]}" if detail else str(e)
@@ -133,14 +137,26 @@ def int8_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.T
     return y
 
 
+def _gemv_input(x: torch.Tensor) -> torch.Tensor:
+    return (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
+
+
 def bf16_gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M,K) any float dtype -> (M,N) fp32 = x @ wᵀ for a bf16 weight w (N,K)."""
-    xf = x.float().contiguous()
-    w = w.contiguous()
-    m, k = xf.shape
-    n = w.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.dsv2_bf16_gemv(_ptr(xf), _ptr(w), None, 0, _ptr(y), m, n, k, torch.get_num_threads())
+    return bf16_bgemv(lib, x[None], w.contiguous()[None])[0]
+
+
+def bf16_bgemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (B,M,K) any float dtype -> (B,M,N) fp32 = x @ wᵀ per batch, for a bf16 w (B,N,K) whose rows are
+    contiguous (stride(-1) == 1; rows and batches may be strided, e.g. the heads of one weight)."""
+    if w.stride(-1) != 1:
+        raise ValueError(f"bf16_bgemv needs contiguous weight rows, got strides {w.stride()}")
+    xc = _gemv_input(x)
+    b, m, k = xc.shape
+    n = w.shape[1]
+    y = torch.empty(b, m, n, dtype=torch.float32)
+    lib.dsv2_bf16_bgemv(_ptr(xc), int(xc.dtype == torch.bfloat16), m * k, _ptr(w), w.stride(0), w.stride(1),
+                        _ptr(y), m * n, b, m, n, k, torch.get_num_threads())
     return y
 
 
@@ -159,3 +175,27 @@ def int4_dequant(lib: ctypes.CDLL, packed: torch.Tensor, sz: torch.Tensor, group
     lib.dsv2_int4_dequant(_ptr(packed), _ptr(sz), _scale_flag(sz), _ptr(out), int(out.dtype == torch.bfloat16),
                           r0, r1, np_, kp, group_size, torch.get_num_threads())
     return out
+
+
+def fast_int4_gemv(lib: ctypes.CDLL) -> bool:
+    """Whether this build's `dsv2_int4_gemv` has its vector path (AVX512_BF16 + VBMI); elsewhere it is a
+    plain loop that tests call but the kernels do not."""
+    return bool(lib.dsv2_int4_gemv_fast())
+
+
+def int4_gemv(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
+              ) -> torch.Tensor:
+    """x (M, Kp) bf16 -> (M, Np) fp32 = x @ Wᵀ for the packed int4 weight (Np, Kp/2) with bf16 scales_and_zeros."""
+    if x.dtype != torch.bfloat16 or sz.dtype != torch.bfloat16:
+        raise TypeError(f"the int4 GEMV takes bf16 activations and scales, got {x.dtype} and {sz.dtype}")
+    x, packed, sz = x.contiguous(), packed.contiguous(), sz.contiguous()
+    m, kp = x.shape
+    np_ = packed.shape[0]
+    if packed.shape[1] * 2 != kp:
+        raise ValueError(f"activations have {kp} columns, the packed weight {packed.shape[1] * 2}")
+    xs = torch.empty(m, kp // group_size, dtype=torch.float32)
+    y = torch.empty(m, np_, dtype=torch.float32)
+    lib.dsv2_int4_gemv(_ptr(x), _ptr(packed), _ptr(sz), _ptr(xs), _ptr(y), m, np_, kp, group_size,
+                       torch.get_num_threads())
+    return y
+
