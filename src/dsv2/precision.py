@@ -55,16 +55,20 @@ def derived(weight: torch.Tensor, owner: object, slot: str, make: Callable[[torc
     return cached[1]
 
 
+GEMV_ROWS = 4  # up to this many rows: dsv2's C GEMV (1.4-1.9x PyTorch's bf16 GEMM at 2-4 rows, 2 Zen 4 cores)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except one row times a bf16 weight on the CPU in inference: dsv2's C GEMV
-    (`dsv2.quant.native`), which reads the weight at memory speed where PyTorch's bf16 GEMV reads it at a
-    fraction of that (4.3 vs ~17 GB/s on one Zen 4 core, no AMX). Same result up to the order of the fp32
-    sums; F.linear wherever the C library is missing or off."""
-    if (w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and x.numel() == x.shape[-1]
-            and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+    """F.linear, except a few rows (<= GEMV_ROWS: decode) times a bf16 weight on the CPU in inference:
+    dsv2's C GEMV (`dsv2.quant.native`), which reads the weight at memory speed where PyTorch's bf16 GEMV
+    reads it at a fraction of that (one row: 4.3 vs ~20 GB/s on one Zen 4 core, no AMX). Same result up to
+    the order of the fp32 sums; F.linear wherever the C library is missing or off."""
+    if (w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and x.dim() >= 1
+            and x.numel() <= GEMV_ROWS * x.shape[-1] and x.numel() > 0 and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
         lib = native.library()
         if lib is not None:
-            y = native.bf16_gemv(lib, x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
+            y = native.bf16_gemv(lib, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
             return (y if b is None else y + b.float()).to(x.dtype)
     return F.linear(x, w, b)
 
@@ -88,7 +92,8 @@ def _onednn_packing() -> bool:
 
 class CpuLinear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys) whose low-precision matmuls run in fp32 where
-    the CPU has no native support for them.
+    the CPU has no native support for them. Where it has (AVX512_BF16, AMX), `linear`: up to GEMV_ROWS
+    rows through dsv2's C GEMV, more through PyTorch's bf16 GEMM. Where it has not:
 
     - one row in inference (decode): the low-precision GEMV is not on the slow path and reads half the
       bytes, so it runs as stored (bf16: dsv2's C GEMV, `linear`; also where bf16 GEMMs are native);

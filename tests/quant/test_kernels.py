@@ -241,6 +241,25 @@ def test_c_int4_gemv_matches_float64(kernels: str, n: int, k: int) -> None:
         native.int4_gemv(lib, x[:, 2:], w4.packed, w4.scales_and_zeros, group)
 
 
+def test_c_int8_gemv_bf16_matches_float64(kernels: str) -> None:
+    """dsv2_int8_gemv_bf16 (nibble dot products where the CPU has AVX512_BF16, else the widened fp32 loop):
+    columns not a multiple of the 32-column step, 1..6 rows, fp32 and bf16 scales."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    q, s = quantize_int8(_w(37, 104))
+    q[0, :8] = torch.tensor([-127, -128 + 1, -1, 0, 1, 15, 16, 127], dtype=torch.int8)  # nibble edge cases
+    for scale in (s, s.bfloat16()):
+        deq = q.double() * scale.double()[:, None]
+        for m in range(1, 7):
+            x = _x(m, 104, torch.bfloat16)
+            ref = x.double() @ deq.T
+            y = native.int8_gemv_bf16(lib, x, q, scale)
+            assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), m
+    with pytest.raises(TypeError, match="bf16 activations"):
+        native.int8_gemv_bf16(lib, x.float(), q, s)
+
+
 def test_c_bf16_batched_gemv_on_strided_heads(kernels: str) -> None:
     """dsv2_bf16_bgemv on per-head row blocks of one weight (MLA's W_UV: rows h*(Dn+Dv)+Dn.. of kv_b_proj),
     1..5 rows per head (5: a second tile of rows)."""

@@ -274,6 +274,85 @@ void dsv2_bf16_bgemv(const void *x, int x_bf16, int64_t ldxb, const uint16_t *w,
     free(xf);
 }
 
+#if defined(__AVX512BF16__)
+#define INT8_BF16_FAST 1
+/* int8 weights times bf16 activations. A byte q is u - 128 for u = q ^ 0x80 = 16 h + l (two nibbles); each
+ * nibble becomes the bf16 128 + nibble in registers (a bit-select; the high one also flips u's top bit),
+ * and vdpbf16ps sums 32 of them times x exactly in fp32:
+ *   sum q x = 16 HI + LO - 2304 sum x,  HI = sum (128 + h) x, LO = sum (128 + l) x.
+ * 8 instructions per 64 weights with no int-to-float conversion: ~1.4x the fp32 loop's bandwidth on one
+ * Zen 4 core. One weight row at a time (one sequential stream), against up to 4 activation rows. */
+static inline __attribute__((always_inline)) void int8bf_row(const int8_t *wr, const uint16_t *const *xr,
+                                                             const float *xsum, int mc, int64_t K, float out[4]) {
+    const __m512i m = _mm512_set1_epi16(0x000F), c = _mm512_set1_epi16(0x4300), c8 = _mm512_set1_epi16(0x4308);
+    const int64_t kv = K / 32 * 32;
+    __m512 lo[4], hi[4];
+    for (int j = 0; j < mc; j++) lo[j] = hi[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kv; k += 32) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k)));
+        const __m512bh l = (__m512bh)_mm512_ternarylogic_epi32(v, m, c, 0xEA);                        /* (v & m) | c */
+        const __m512bh h = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m, c8, 0x6A); /* (. & m) ^ c8 */
+        for (int j = 0; j < mc; j++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[j] + k);
+            lo[j] = _mm512_dpbf16_ps(lo[j], l, xv);
+            hi[j] = _mm512_dpbf16_ps(hi[j], h, xv);
+        }
+    }
+    for (int j = 0; j < mc; j++) {
+        float a = 16.f * _mm512_reduce_add_ps(hi[j]) + _mm512_reduce_add_ps(lo[j]) - 2304.f * xsum[j];
+        for (int64_t k = kv; k < K; k++) a += (float)wr[k] * bf2f(xr[j][k]);
+        out[j] = a;
+    }
+}
+#else
+#define INT8_BF16_FAST 0
+#endif
+
+/* 1 where dsv2_int8_gemv_bf16 has its vector path (else it widens x and runs the fp32 loop, for tests) */
+int dsv2_int8_gemv_bf16_fast(void) { return INT8_BF16_FAST; }
+
+/* y (M, N) fp32 = x (M, K) bf16 @ (q * scale)^T; xsum (M,) fp32 scratch (the sums of the rows of x that
+ * lie in whole 32-column steps) */
+void dsv2_int8_gemv_bf16(const uint16_t *x, const int8_t *q, const void *scale, int scale_bf16, float *xsum,
+                         float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+#if INT8_BF16_FAST
+    const int64_t kv = K / 32 * 32;
+    for (int64_t m = 0; m < M; m++) {
+        float s = 0.f;
+        for (int64_t k = 0; k < kv; k++) s += bf2f(x[m * K + k]);
+        xsum[m] = s;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wr = q + n * K;
+        const float sc = load(scale, n, scale_bf16);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const uint16_t *xr[4];
+            const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
+            for (int j = 0; j < mc; j++) xr[j] = x + (m0 + j) * K;
+            float out[4];
+            switch (mc) {
+                case 1: int8bf_row(wr, xr, xsum + m0, 1, K, out); break;
+                case 2: int8bf_row(wr, xr, xsum + m0, 2, K, out); break;
+                case 3: int8bf_row(wr, xr, xsum + m0, 3, K, out); break;
+                default: int8bf_row(wr, xr, xsum + m0, 4, K, out); break;
+            }
+            for (int j = 0; j < mc; j++) y[(m0 + j) * N + n] = out[j] * sc;
+        }
+    }
+#else
+    float *xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+    if (!xf) {
+        for (int64_t i = 0; i < M * N; i++) y[i] = __builtin_nanf("");
+        return;
+    }
+    (void)xsum;
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf2f(x[i]);
+    dsv2_int8_gemv(xf, q, scale, scale_bf16, y, M, N, K, nthreads);
+    free(xf);
+#endif
+}
+
 /* rows [r0, r1) of q * scale into out ((r1 - r0), K), fp32 or bf16 */
 void dsv2_int8_dequant(const int8_t *q, const void *scale, int scale_bf16, void *out, int out_bf16,
                        int64_t r0, int64_t r1, int64_t K, int nthreads) {
@@ -433,6 +512,9 @@ static inline __attribute__((always_inline)) void int4_block_fast(const uint16_t
         for (int m = 0; m < MC; m++)
             for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
         const uint8_t *p = bp + grp * g * 32;
+        /* this group's scales for the next block: a group's (scale, zero) rows lie Np * 4 bytes apart, too
+           far for the hardware prefetcher, so each would start a miss */
+        for (int q = 0; q < 4; q++) __builtin_prefetch(sz + (grp * Np + row0 + 64 + 16 * q) * 2, 0, 0);
         for (int64_t k = grp * g; k < grp * g + g; k += 2, p += 64) {
             const __m512i src = _mm512_loadu_si512(p);
             const __m512i a = _mm512_maskz_permutexvar_epi8(even_bytes, ia, src);

@@ -31,6 +31,9 @@ _ROWS = 4096  # rows quantised at a time: bounds the fp32 temporaries for a (102
 # kernel per 4), the GEMM a fraction of one. With the C library the panels are dequantised in C (int8:
 # ~8 bytes/ns, int4: ~3 weights/ns per core); without it in PyTorch, whole, which pays off later.
 INT8_DEQUANT_ROWS = 16
+# bf16 activations on CPUs with AVX512_BF16: int8 weights by bf16 dot products on their nibbles, for 1-2 rows
+# whose x stays in L1 (1.2-1.6x the fp32 GEMV on one Zen 4 core; slower beyond these bounds)
+INT8_BF16_ROWS, INT8_BF16_K = 2, 4096
 INT4_DEQUANT_ROWS = 24
 # bf16 activations and scales, on CPUs with AVX512_BF16 + VBMI: dsv2's int4 GEMV (one pass over the weight per
 # 4 rows at ~1 dot-product instruction per 32 multiply-adds) up to this many rows, instead of either above
@@ -99,6 +102,9 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
             return F.linear(x.to(dt), dequantize_int8(q, scale, dt)).to(x.dtype)
         return torch.ops.aten._weight_int8pack_mm(x, q, scale)
     q, scale = q.contiguous(), scale.contiguous()
+    if (x.shape[0] <= INT8_BF16_ROWS and x.shape[1] <= INT8_BF16_K and x.dtype == torch.bfloat16
+            and native.fast_int8_bf16_gemv(lib)):
+        return native.int8_gemv_bf16(lib, x, q, scale).to(x.dtype)
     if x.shape[0] <= INT8_DEQUANT_ROWS:
         return native.int8_gemv(lib, x, q, scale).to(x.dtype)
     return panel_mm(x, q.shape[0], lambda r0, r1, out: native.int8_dequant(lib, q, scale, r0, r1, out))

@@ -38,6 +38,7 @@ _SIGNATURES = {
     "dsv2_int8_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _int],
     "dsv2_int4_dequant": [_p, _p, _int, _p, _int, _i64, _i64, _i64, _i64, _i64, _int],
     "dsv2_bf16_bgemv": [_p, _int, _i64, _p, _i64, _i64, _p, _i64, _i64, _i64, _i64, _i64, _int],
+    "dsv2_int8_gemv_bf16": [_p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _int],
     "dsv2_int4_gemv": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
 }
 
@@ -94,7 +95,8 @@ def library() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        lib.dsv2_int4_gemv_fast.argtypes, lib.dsv2_int4_gemv_fast.restype = [], _int
+        for flag in ("dsv2_int4_gemv_fast", "dsv2_int8_gemv_bf16_fast"):
+            getattr(lib, flag).argtypes, getattr(lib, flag).restype = [], _int
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
         why = f"{e}: {detail[-500:]}" if detail else str(e)
@@ -139,6 +141,25 @@ def int8_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.T
 
 def _gemv_input(x: torch.Tensor) -> torch.Tensor:
     return (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
+
+
+def fast_int8_bf16_gemv(lib: ctypes.CDLL) -> bool:
+    """Whether this build's `dsv2_int8_gemv_bf16` has its vector path (AVX512_BF16)."""
+    return bool(lib.dsv2_int8_gemv_bf16_fast())
+
+
+def int8_gemv_bf16(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M,K) bf16 -> (M,N) fp32 = x @ (q·scale)ᵀ, by bf16 dot products on the weight's nibbles."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"int8_gemv_bf16 takes bf16 activations, got {x.dtype}")
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    m, k = x.shape
+    n = q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    xsum = torch.empty(m, dtype=torch.float32)
+    lib.dsv2_int8_gemv_bf16(_ptr(x), _ptr(q), _ptr(scale), _scale_flag(scale), _ptr(xsum), _ptr(y), m, n, k,
+                            torch.get_num_threads())
+    return y
 
 
 def bf16_gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
