@@ -96,7 +96,7 @@ def test_int4_linear_matches_float64_dequantised_reference(dtype: torch.dtype, n
     sz = mod.scales_and_zeros.double()  # (Kp/g, Np, 2)
     s, z = sz[..., 0].T[:n].repeat_interleave(group, 1), sz[..., 1].T[:n].repeat_interleave(group, 1)
     deq = (q[:n].double() - 8) * s + z  # (n, Kp)
-    for m in (1, 5, INT4_GEMV_ROWS, 33, INT4_DEQUANT_ROWS + 5):  # kernel rows, and the dequantise + GEMM path
+    for m in (1, 5, 33, INT4_DEQUANT_ROWS + 5, INT4_GEMV_ROWS + 3):  # kernel rows, the dequantise + GEMM path
         x = _x(m, k, dtype)
         ref = F.pad(x.double(), (0, deq.shape[1] - k)) @ deq.T
         y = mod(x)
