@@ -31,9 +31,15 @@ def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether matmuls in `dtype` run natively fast on `device` (always, off the CPU and for fp32)."""
     if dtype not in _LOW or device.type != "cpu":
         return True
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    known = _NATIVE.get(dtype)
+    if known is None:  # asked on every matmul of a step: the mkldnn query once per dtype
+        query = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
+            torch.ops.mkldnn._is_mkldnn_fp16_supported
+        known = _NATIVE[dtype] = bool(query())
+    return known
+
+
+_NATIVE: dict[torch.dtype, bool] = {}
 
 
 def upcast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -164,7 +164,13 @@ def int8_gemv_bf16(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: to
 
 def bf16_gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M,K) any float dtype -> (M,N) fp32 = x @ wᵀ for a bf16 weight w (N,K)."""
-    return bf16_bgemv(lib, x[None], w.contiguous()[None])[0]
+    xc, w = _gemv_input(x), w.contiguous()
+    m, k = xc.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.dsv2_bf16_bgemv(_ptr(xc), int(xc.dtype == torch.bfloat16), 0, _ptr(w), 0, k, _ptr(y), 0, 1, m, n, k,
+                        torch.get_num_threads())
+    return y
 
 
 def bf16_bgemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
