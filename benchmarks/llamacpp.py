@@ -226,6 +226,9 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, nargs="*", default=None, help="sequence counts (none: skip)")
     ap.add_argument("--reps", type=int, default=None, help="llama-bench repetitions / dsv2 calls per row")
     ap.add_argument("--no-rss", action="store_true", help="skip dsv2's one-process-per-format memory rows")
+    ap.add_argument("--compile", action="store_true",
+                    help="dsv2 engines with compile=True (decode steps as one inductor graph per batch / context "
+                         "bucket; each bucket compiles on first use, in an untimed warm-up call)")
     ap.add_argument("--quantized-dir", type=Path, default=None,
                     help="load dsv2's int8 / int4 formats from `dsv2 quantize`d folders here (int8, int4-g32, "
                          "int4-g128; written from --checkpoint when missing) instead of quantising while loading")
@@ -270,7 +273,7 @@ def main() -> None:
         fmt, gs = DSV2_FORMATS[f]
         models[f] = build(fmt, gs, sources[f])
         engines[f] = Engine(models[f], kv_cache_dtype="bf16", max_tokens=max_tokens, prefix_caching=False,
-                            max_batch=max(64, max(parallel)))
+                            max_batch=max(64, max(parallel)), compile=args.compile)
         print(f"dsv2 {f}: weights {weight_bytes(models[f], False) / 2**20:.0f} MiB "
               f"({weight_bytes(models[f]) / 2**20:.0f} MiB read per decode step)", flush=True)
     for t, p in gguf.items():
@@ -290,6 +293,9 @@ def main() -> None:
         for t in args.types:
             steps = {f: decode_step_fn(engines[f], kv) for f in pairs[t]}
             calls = {f: (lambda fn=fn: [fn() for _ in range(DECODE_TOKENS)]) for f, (fn, _) in steps.items()}
+            if args.compile:  # compile this context's bucket outside the timed calls
+                for fn, _ in steps.values():
+                    fn()
             half = max(1, reps // 2)
             best = {f: best_of(fn, half) for f, fn in calls.items()}
             lc = llama.decode_ms(t, s)
@@ -327,6 +333,9 @@ def main() -> None:
         for t in args.types:
             res: dict[str, tuple[float, ...]] = {}
             lc = (0.0, 0.0, 0.0)
+            if args.compile:  # compile the buckets of this batch size outside the timed runs
+                for f in pairs[t]:
+                    engines[f].generate(ps, sp)
             for _ in range(1 if n >= 64 else 2):
                 lc = tuple(max(a, b) for a, b in zip(lc, llama.batched(t, n)))
                 for f in pairs[t]:

@@ -230,3 +230,29 @@ class Int4Weight:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
                                                        self.scales_and_zeros)
         return y if y.shape[1] == self.n else y[:, : self.n]
+
+
+# ---- under torch.compile ----------------------------------------------------------------------------
+# The two products above as opaque custom ops (dsv2::int8_mm, dsv2::int4_mm): a compiled graph (the engine's
+# compiled decode step) calls back into them, C kernels and routing included, where tracing would stop at
+# the ctypes calls. Eagerly, the modules call the functions directly.
+@torch.library.custom_op("dsv2::int8_mm", mutates_args=())
+def int8_mm_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return int8_mm(x, q, scale).contiguous()
+
+
+@int8_mm_op.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+@torch.library.custom_op("dsv2::int4_mm", mutates_args=())
+def int4_mm_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,
+               group_size: int) -> torch.Tensor:
+    return Int4Weight(packed, scales_and_zeros, n, k, group_size).mm(x).contiguous()
+
+
+@int4_mm_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,
+      group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)

@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv2.quant.kernels import Int4Weight, QuantError, check_group_size, dequantize_int8, int8_mm, quantize_int8
+from dsv2.quant.kernels import (
+    Int4Weight,
+    QuantError,
+    check_group_size,
+    dequantize_int8,
+    int4_mm_op,
+    int8_mm,
+    int8_mm_op,
+    quantize_int8,
+)
 
 WEIGHT_FORMATS = ("int8", "int4")
 
@@ -74,14 +83,19 @@ class _Quantised(nn.Module):
     def _mm(self, prefix: str, index: tuple[int, ...], x: torch.Tensor, n: int, k: int) -> torch.Tensor:
         """x (M,k) in self.dtype times the weight in slot `index` -> (M,n)."""
         q = getattr(self, f"{prefix}qweight")[index]
+        compiling = torch.compiler.is_compiling()  # then the products are opaque ops, and nothing is counted
         if self.weights == "int8":
             s = getattr(self, f"{prefix}scales")[index]
+            if compiling:
+                return int8_mm_op(x, q, s)
             self._count(q, s)
             return int8_mm(x, q, s)
         sz = getattr(self, f"{prefix}scales_and_zeros")[index]
-        self._count(q, sz)
         if x.device.type != "cpu":
             raise QuantError(f"int4 weights run on the CPU kernel only; got activations on {x.device}")
+        if compiling:
+            return int4_mm_op(x, q, sz, n, k, self.group_size)
+        self._count(q, sz)
         return Int4Weight(q, sz, n, k, self.group_size).mm(x)
 
     def _dequantised(self, prefix: str, index: tuple[int, ...], n: int, k: int) -> torch.Tensor:
