@@ -273,7 +273,7 @@ def main() -> None:
         fmt, gs = DSV2_FORMATS[f]
         models[f] = build(fmt, gs, sources[f])
         engines[f] = Engine(models[f], kv_cache_dtype="bf16", max_tokens=max_tokens, prefix_caching=False,
-                            max_batch=max(64, max(parallel)), compile=args.compile)
+                            max_batch=max([64, *parallel]), compile=args.compile)
         print(f"dsv2 {f}: weights {weight_bytes(models[f], False) / 2**20:.0f} MiB "
               f"({weight_bytes(models[f]) / 2**20:.0f} MiB read per decode step)", flush=True)
     for t, p in gguf.items():

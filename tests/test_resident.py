@@ -101,3 +101,41 @@ def test_a_tied_embedding_is_copied(tmp_path: Path) -> None:
     assert model.lm_head.weight is model.embed_tokens.weight and "embed_tokens.weight" in file_backed(model)
     assert make_resident(model) > 0
     assert file_backed(model) == []
+
+
+def _mapping_rss_kib(ptr: int) -> int:
+    """Independent reference: the Rss /proc/self/smaps gives for the mapping holding address ptr."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError("mapping not found")
+
+
+def test_copied_file_pages_are_given_back_chunk_by_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storage copied in small chunks: its file pages leave the process's RSS, a neighbouring tensor's stay
+    mapped and readable, and both read the file's values."""
+    import dsv2.resident as resident
+
+    page = resident._PAGE
+    n = 64 * page // 4  # 64 pages of fp32
+    f = tmp_path / "w.bin"
+    f.write_bytes(torch.arange(n, dtype=torch.float32).numpy().tobytes())
+    with open(f, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    a = torch.frombuffer(mm, dtype=torch.float32, count=n // 2)  # pages 0-31
+    b = torch.frombuffer(mm, dtype=torch.float32, offset=n // 2 * 4)  # pages 32-63, its own storage
+    float(a.sum()), float(b.sum())  # every page resident
+    ptr = a.untyped_storage().data_ptr()
+    assert _mapping_rss_kib(ptr) >= 64 * page // 1024
+    m = torch.nn.Module()
+    m.register_buffer("a", a)
+    monkeypatch.setattr(resident, "_CHUNK", 3 * page)  # 11 chunks, the last one short
+    assert make_resident(m) == n // 2 * 4
+    assert _mapping_rss_kib(ptr) <= 32 * page // 1024  # only b's pages are left
+    assert torch.equal(m.a, torch.arange(n // 2, dtype=torch.float32))
+    assert torch.equal(b, torch.arange(n // 2, n, dtype=torch.float32))

@@ -17,6 +17,8 @@ needs no knowledge of how the tensor was made. Off Linux (no /proc/self/maps) no
 from __future__ import annotations
 
 import bisect
+import ctypes
+import os
 from pathlib import Path
 
 import torch
@@ -59,11 +61,33 @@ def file_backed(model: nn.Module) -> list[str]:
     return [name for name, t in tensors if t is not None and _is_file_backed(t, ranges)]
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4  # Linux
+_CHUNK = 64 << 20  # bytes copied between page drops: the peak while copying a 400 MiB lm_head stays ~64 MiB over
+
+
+def _drop_pages(ptr: int, nbytes: int) -> None:
+    """Give back the file pages of [ptr, ptr + nbytes) that were just copied: the pages wholly inside the range
+    (a page shared with a neighbouring tensor stays), so that the copy does not sit beside a second,
+    file-backed copy (the peak RSS of an engine on a 1.1 GB bf16 checkpoint was 1.38 GiB, its steady state
+    0.99). Only the mapping's resident pages go (the file is read-only here); best effort."""
+    lo = -(-ptr // _PAGE) * _PAGE
+    hi = (ptr + nbytes) // _PAGE * _PAGE
+    if hi <= lo:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED))
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.no_grad()
 def make_resident(model: nn.Module, keep_embeddings_mapped: bool = True) -> int:
     """Replace every file-backed parameter / buffer of `model` by an anonymous in-memory copy, in place.
 
-    One storage at a time (peak memory: the model plus one tensor); tensors that shared a storage (tied
+    One storage at a time, 64 MiB at a time, each chunk's file pages given back once copied (peak memory: the
+    model plus one chunk); tensors that shared a storage (tied
     embeddings, views) share the copy, and a Parameter stays the same object (its `.data` is swapped).
     keep_embeddings_mapped: leave a storage that only `nn.Embedding` modules use as file pages. A lookup
     reads one row per token, so an evicted page costs one page read now and then, never a whole step,
@@ -90,9 +114,14 @@ def make_resident(model: nn.Module, keep_embeddings_mapped: bool = True) -> int:
         module, kind, name, _ = slots[0]
         old = getattr(module, name).untyped_storage()
         new = torch.UntypedStorage(old.nbytes(), device=old.device)
-        new.copy_(old)
+        src = torch.empty(0, dtype=torch.uint8).set_(old)
+        dst = torch.empty(0, dtype=torch.uint8, device=new.device).set_(new)
+        for a in range(0, old.nbytes(), _CHUNK):  # a chunk at a time, its file pages given back after it
+            b = min(old.nbytes(), a + _CHUNK)
+            dst[a:b].copy_(src[a:b])
+            _drop_pages(old.data_ptr() + a, b - a)
         copied += old.nbytes()
-        del old
+        del old, src, dst
         views: dict[tuple, torch.Tensor] = {}
         swapped: set[int] = set()
         for module, kind, name, view in slots:

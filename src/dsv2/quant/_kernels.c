@@ -1,8 +1,11 @@
 /* dsv2's CPU kernels for int8 / int4 / bf16 weights: plain C, compiled on first use by
- * dsv2/quant/native.py (cc -O3 -march=native -fopenmp) and called through ctypes: GEMVs for int8 and bf16
- * weights, and int8 / int4 dequantisation of row panels for the dense GEMM. The pure-PyTorch path (aten's
- * kernels, F.linear) is used wherever this library cannot be built; one-row int4 products stay on aten's
- * _weight_int4pack_mm_for_cpu, which was faster than a plain unpack-and-FMA kernel here.
+ * dsv2/quant/native.py (cc -O3 -march=native -fopenmp) and called through ctypes: GEMVs for int8, int4 and
+ * bf16 weights (batched over heads for bf16), and int8 / int4 dequantisation of row panels for the dense
+ * GEMM. The pure-PyTorch path (aten's kernels, F.linear) is used wherever this library cannot be built.
+ * With AVX512_BF16 the bf16-activation paths multiply with vdpbf16ps (bf16 pairs, exact products, fp32
+ * sums): weights that are not bf16 become bf16 in registers first (int4 codes and int8 nibbles as the
+ * bf16 128 + code, the offset taken out with the activations' sums). The int4 GEMV needs AVX512_BF16 +
+ * VBMI; elsewhere dsv2_int4_gemv is a plain loop for tests and int4 products stay on aten's kernel.
  *
  * Shapes: M activation rows, N output features (rows of the weight), K input features, g int4 group.
  * Weights use the layouts dsv2/quant/kernels.py stores:
@@ -11,7 +14,8 @@
  *         (Kp, 32) byte array whose low nibbles are rows 0..31 and high nibbles rows 32..63 of the block;
  *         a last block of t < 64 rows is a (Kp, t/2) array with row 2j in the low and row 2j+1 in the high
  *         nibble of byte j. sz (Kp/g, Np, 2) = (scale, zero): w = (q - 8) * scale + zero.
- * Scales are fp32 or bf16 (flag *_bf16), activations fp32, results fp32 (GEMV) or fp32 / bf16 (dequant).
+ * Scales are fp32 or bf16 (flag *_bf16), activations fp32 or bf16 (per kernel), results fp32 (GEMV) or fp32 /
+ * bf16 (dequant).
  */
 #include <stdint.h>
 #include <stdlib.h>

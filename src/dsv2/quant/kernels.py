@@ -38,8 +38,9 @@ INT4_DEQUANT_ROWS = 24
 # bf16 activations and scales, on CPUs with AVX512_BF16 + VBMI: dsv2's int4 GEMV (the codes become bf16 in
 # registers, one dot-product instruction per 32 multiply-adds; a 64-row block stays in L2 while every 4 rows
 # pass over it) up to this many rows, instead of either above: 1.2-2.5x the dequantise + bf16 GEMM path from
-# 16 to 256 rows and level with it at 512, 2 Zen 4 cores
-INT4_GEMV_ROWS = 512
+# 16 to 128 rows on 2 Zen 4 cores; at 512-row prefill the model ran 10-20% slower through it than through
+# the panels (isolated matrices were level there)
+INT4_GEMV_ROWS = 128
 _FALLBACK_DEQUANT_ROWS = {"int8": 128, "int4": 192}
 _PANEL = 1 << 20  # weight elements dequantised per panel (2 MiB in bf16: stays in the L2/L3 cache)
 
