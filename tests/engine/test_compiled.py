@@ -49,14 +49,17 @@ def test_is_decode_step() -> None:
     assert not is_decode_step([SeqWork([0], 5, [1], "none")])
 
 
-def test_long_contexts_decode_eagerly_on_the_cpu() -> None:
-    """Beyond MAX_CPU_ROWS the compiled step declines (the engine runs it eagerly); nothing compiles here."""
-    eng = Engine(tiny_model(), max_tokens=4096, block_size=16, compile=True)
-    comp = eng.runner.compiled
+def test_long_contexts_decode_eagerly_over_a_quantised_cpu_cache() -> None:
+    """Beyond MAX_CPU_ROWS the compiled step declines a quantised cache (the engine runs it eagerly), not a
+    plain one (read through the block tables); nothing compiles here."""
     lim = CompiledDecode.MAX_CPU_ROWS
-    assert comp.supports([SeqWork([0], lim - 1, [1])])
-    assert not comp.supports([SeqWork([0], lim - 1, [1]), SeqWork([1], lim, [2])])
-    assert not comp.supports([SeqWork([0], 5, [1, 2])])
+    long = [SeqWork([0], lim - 1, [1]), SeqWork([1], lim, [2])]
+    quant = Engine(tiny_model(), max_tokens=4096, block_size=16, compile=True, kv_cache_dtype="int8")
+    assert quant.runner.compiled.supports([SeqWork([0], lim - 1, [1])])
+    assert not quant.runner.compiled.supports(long)
+    plain = Engine(tiny_model(), max_tokens=4096, block_size=16, compile=True)
+    assert plain.runner.compiled.supports(long)
+    assert not plain.runner.compiled.supports([SeqWork([0], 5, [1, 2])])
 
 
 @pytest.mark.parametrize("attn", ["mla", "gqa"])
@@ -136,3 +139,28 @@ def test_compiled_quantised_engine_equals_eager(weights: str) -> None:
     assert a.output == b.output
     for la, lb in zip(a.logprobs, b.logprobs):
         assert abs(la.logprob - lb.logprob) < 1e-5
+
+
+def test_paged_latent_decode_matches_float64() -> None:
+    """The compiled step's attention op over a paged pool (blocks out of order, a run of consecutive ones, a
+    partly filled last block, a padded batch row) against softmax(q·rowsᵀ·scale) @ rows[:, :C] in float64."""
+    from dsv2.engine.compiled import paged_latent_decode
+
+    g = torch.Generator().manual_seed(0)
+    nb, bs, c, r, h = 12, 4, 16, 8, 3
+    pool = torch.randn(nb, bs, c + r, generator=g).bfloat16()
+    tables = torch.tensor([[5, 6, 7, 2, 0], [9, 3, 0, 0, 0], [9, 3, 0, 0, 0]])  # row 2: padding, a copy of 1
+    pos = torch.tensor([14, 5, 5])  # tokens 0..pos: 15 rows over 4 blocks, 6 rows over 2
+    q = torch.randn(3, h, c + r, generator=g).bfloat16()
+    q[2] = q[1]  # the padding row repeats the last sequence, query included
+    out = paged_latent_decode(q, pool, tables, pos, c, 0.3)
+    assert out.shape == (3, h, c) and out.dtype == torch.float32
+    flat = pool.view(-1, c + r).double()
+    for b in range(3):
+        slots = [tables[b, t // bs].item() * bs + t % bs for t in range(pos[b].item() + 1)]
+        rows = flat[slots]
+        p = torch.softmax(q[b].double() @ rows.T * 0.3, dim=-1)
+        ref = p @ rows[:, :c]
+        # bf16 scores and probabilities, as the eager decode rounds them
+        torch.testing.assert_close(out[b].double(), ref, rtol=0, atol=3e-2 * ref.abs().max().item())
+    assert torch.equal(out[1], out[2])

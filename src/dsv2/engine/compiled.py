@@ -39,17 +39,59 @@ if TYPE_CHECKING:
     from dsv2.engine.runner import SeqWork
 
 
+@torch.library.custom_op("dsv2::paged_latent_decode", mutates_args=())
+def paged_latent_decode(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, pos: torch.Tensor, c: int,
+                        scale: float) -> torch.Tensor:
+    """Absorbed attention of B absorbed queries q (B,H,C+R) over their sequences' rows in one plain CPU pool
+    (num_blocks, block_size, C+R), sequence b's rows being tokens 0..pos[b] through block table tables[b]
+    -> latent outputs (B,H,C) fp32. The eager per-sequence path (`latent_decode` over zero-copy runs of
+    consecutive blocks), as one opaque op of the compiled step: there it replaces a gather of every row
+    into a padded batch, which cost more than it saved beyond ~1K rows."""
+    from dsv2.engine.attention import latent_decode
+    from dsv2.precision import native_low_precision
+
+    bs, w = pool.shape[1], pool.shape[2]
+    rows = pool.view(-1, w)
+    upcast = not native_low_precision(q.device, q.dtype)
+    out = torch.empty(q.shape[0], q.shape[1], c, dtype=torch.float32, device=q.device)
+    for b, (table, p) in enumerate(zip(tables.tolist(), pos.tolist())):
+        n, chunks, i = p + 1, [], 0
+        used = table[: -(-n // bs)]
+        while i < len(used):  # runs of consecutive blocks are one contiguous view each
+            j = i
+            while j + 1 < len(used) and used[j + 1] == used[j] + 1:
+                j += 1
+            start = used[i] * bs
+            chunks.append(rows[start: start + min((j + 1 - i) * bs, n - i * bs)])
+            i = j + 1
+        out[b] = latent_decode(q[b], chunks, c, scale, upcast)
+    return out
+
+
+@paged_latent_decode.register_fake
+def _(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, pos: torch.Tensor, c: int,
+      scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], c, dtype=torch.float32)
+
+
 class DecodeBackend:
     """Attention of B decoding tokens (flattened as batch 1) over the paged cache, compile-friendly: rows
     are written at `slots` (B,), then read back gathered by `index` (B,S) with `valid` (B,S) masking the
-    padding."""
+    padding; MLA over a plain CPU cache reads them through the block tables instead (`paged_latent_decode`)."""
 
-    def __init__(self, cache: PagedCache, slots: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> None:
+    def __init__(self, cache: PagedCache, slots: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                 tables: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> None:
         self.cache, self.slots, self.index, self.valid = cache, slots, index, valid
+        self.tables, self.pos = tables, pos
 
     def mla(self, attn: MLA, layer_idx: int, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
             k_pe: torch.Tensor, impl: str) -> torch.Tensor:
         self.cache.write(layer_idx, self.slots, torch.cat((c_kv, k_pe), dim=-1).flatten(0, 1))
+        pool = self.cache.pools[layer_idx]
+        if self.tables is not None and self.cache.format.plain and pool[0].device.type == "cpu":
+            q = attn.absorb_query(q_nope[0], q_pe[0])  # (B,H,C+R)
+            o_lat = paged_latent_decode(q, pool[0], self.tables, self.pos, attn.kv_rank, attn.scale)
+            return attn.absorbed_output(o_lat.to(q.dtype)).to(q_nope.dtype)[None]
         return gathered_mla_decode(self.cache, attn, layer_idx, q_nope[0], q_pe[0], self.index, self.valid)[None]
 
     def gqa(self, attn: GQA, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -118,9 +160,10 @@ class CompiledDecode:
 
     MAX_BATCH = 64
     MIN_ROWS = 256  # smallest padded context: fewer graphs; gathering 256 rows costs microseconds
-    # on the CPU, longer contexts run eagerly: the graph's attention over gathered, padded rows costs more
-    # than the eager per-sequence attention over the pool beyond ~2K rows (2-layer V2-Lite-attention model,
-    # 2 Zen 4 cores, int4: compiled 2 ms faster a step at 1K, level at 2K, 3.5-5 ms slower at 2.5-4K)
+    # a CPU cache in a quantised format is read by gathering rows into a padded batch in the graph, which
+    # costs more than the eager per-sequence attention beyond ~2K rows (2-layer V2-Lite-attention model, 2 Zen
+    # 4 cores: 3.5-5 ms a step slower at 2.5-4K), so longer contexts decode eagerly there; a plain cache is
+    # read through the block tables by `paged_latent_decode` at any length
     MAX_CPU_ROWS = 2048
 
     def __init__(self, model: DeepseekV2, cache: PagedCache, options: dict | None = None) -> None:
@@ -155,7 +198,9 @@ class CompiledDecode:
     def supports(self, work: Sequence[SeqWork]) -> bool:
         if not (0 < len(work) <= self.MAX_BATCH and is_decode_step(work)):
             return False
-        return self.device.type != "cpu" or max(w.num_computed + 1 for w in work) <= self.MAX_CPU_ROWS
+        if self.device.type != "cpu" or self.cache.format.plain:
+            return True
+        return max(w.num_computed + 1 for w in work) <= self.MAX_CPU_ROWS
 
     def _step(self, ids: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """ids, pos (B,): the new token of each sequence and its position (= its cached tokens);
@@ -165,7 +210,7 @@ class CompiledDecode:
         index = tables[:, j // bs] * bs + j % bs  # (B,S) slot of every row
         valid = j[None, :] <= pos[:, None]  # (B,S) rows of tokens 0..pos
         slots = index.gather(1, pos[:, None])[:, 0]  # (B,) where the new rows go
-        backend = DecodeBackend(self.cache, slots, index, valid)
+        backend = DecodeBackend(self.cache, slots, index, valid, tables, pos)
         hidden = self.model.forward_hidden(ids[None], pos, cache=backend, validate=False)[0]  # (B,D)
         return self.model.lm_head(hidden)
 
