@@ -32,11 +32,13 @@ load average is printed at start and at end. Ratios are dsv2 speed / llama.cpp s
     python benchmarks/llamacpp.py --make-checkpoint --checkpoint DIR                     # the weights, once
     python benchmarks/llamacpp.py --llama-bin DIR --gguf-dir DIR --checkpoint DIR       # the issue's sizes
     python benchmarks/llamacpp.py --llama-bin DIR --gguf-dir DIR --checkpoint DIR --quick --threads 1
+    python benchmarks/llamacpp.py ... --quantized-dir QDIR    # dsv2 int8/int4 from `dsv2 quantize`d folders
+    python benchmarks/llamacpp.py ... --compile --no-rss      # dsv2's compiled decode step (20-35 s a bucket)
 
 The full run is long on 2 cores: llama-bench fills the 32K depth with a 32,768-token prefill per format
-(over 13 min for bf16 on one loaded core); the rest takes ~10-25 min, --quick ~10. On a machine shared
-with other jobs use --threads 1: 2-thread steps of both programs slow down several-fold when a neighbour
-holds a core. `--contexts` / `--prompts` / `--parallel` with no value skip that workload.
+(over 13 min for bf16 on one loaded core, ~8 min on 2 quiet ones); the rest takes ~10-25 min, --quick
+~5-10. On a machine shared with other jobs use --threads 1: 2-thread steps of both programs slow down
+several-fold when a neighbour holds a core. `--contexts` / `--prompts` / `--parallel` with no value skip that workload.
 """
 
 from __future__ import annotations
