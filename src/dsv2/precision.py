@@ -13,6 +13,7 @@ Shapes: N rows, D in features, O out features, E experts, I expert hidden size.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -64,18 +65,24 @@ def derived(weight: torch.Tensor, owner: object, slot: str, make: Callable[[torc
 GEMV_ROWS = 4  # up to this many rows: dsv2's C GEMV (1.4-1.9x PyTorch's bf16 GEMM at 2-4 rows, 2 Zen 4 cores)
 
 
+def _gemv_library(x: torch.Tensor, w: torch.Tensor, rows: int) -> ctypes.CDLL | None:
+    """dsv2's C kernel library when `rows` rows of x (bf16 or fp32) times a bf16 weight w are a GEMV it takes
+    (CPU, inference, eager, at most GEMV_ROWS rows); else None."""
+    if (w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and 0 < rows <= GEMV_ROWS
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return native.library()
+    return None
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except a few rows (<= GEMV_ROWS: decode) times a bf16 weight on the CPU in inference:
     dsv2's C GEMV (`dsv2.quant.native`), which reads the weight at memory speed where PyTorch's bf16 GEMV
     reads it at a fraction of that (one row: 4.3 vs ~20 GB/s on one Zen 4 core, no AMX). Same result up to
     the order of the fp32 sums; F.linear wherever the C library is missing or off."""
-    if (w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and x.dim() >= 1
-            and x.numel() <= GEMV_ROWS * x.shape[-1] and x.numel() > 0 and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-        lib = native.library()
-        if lib is not None:
-            y = native.bf16_gemv(lib, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
-            return (y if b is None else y + b.float()).to(x.dtype)
+    lib = _gemv_library(x, w, x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0)
+    if lib is not None:
+        y = native.bf16_gemv(lib, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+        return (y if b is None else y + b.float()).to(x.dtype)
     return F.linear(x, w, b)
 
 
@@ -83,12 +90,9 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ bᵀ per batch, (B,M,K) x (B,N,K) -> (B,M,N) in a's dtype, except a few rows times a bf16 b on the CPU
     in inference: dsv2's batched C GEMV (MLA's per-head W_UK / W_UV products of a decode step: PyTorch's bf16
     bmm reads those weights at ~4.5 GB/s here). torch.bmm wherever the C library is missing or off."""
-    if (b.dtype == torch.bfloat16 and a.dtype in (torch.bfloat16, torch.float32) and a.shape[1] <= 4
-            and b.stride(-1) == 1 and a.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        lib = native.library()
-        if lib is not None:
-            return native.bf16_bgemv(lib, a, b).to(a.dtype)
+    lib = _gemv_library(a, b, a.shape[1]) if b.stride(-1) == 1 else None
+    if lib is not None:
+        return native.bf16_bgemv(lib, a, b).to(a.dtype)
     return torch.bmm(a, b.transpose(1, 2))
 
 
@@ -187,11 +191,11 @@ def prepare(model: nn.Module, device: torch.device | str | None = None,
             autocast: torch.dtype | None = None) -> nn.Module:
     """Apply the CPU low-precision policy to `model` in place (and return it).
 
-    Swaps the class of every plain `nn.Linear` and `Experts` (parameters, hooks and state-dict keys are
-    untouched, so optimizers, checkpoints and parallel wrappers see the same module) when the model will
+    Swaps the class of every plain `nn.Linear`, `Experts` and `MLA` (parameters, hooks and state-dict keys
+    are untouched, so optimizers, checkpoints and parallel wrappers see the same module) when the model will
     run matmuls in a low-precision dtype on the CPU: the dtype of its floating parameters, or `autocast`
     (the dtype a training loop autocasts to). Where that dtype is native, the swapped modules differ from
-    the plain ones only in one-row bf16 GEMVs (dsv2's C GEMV, `linear`). Does nothing for an fp32 model
+    the plain ones only in few-row bf16 GEMVs (dsv2's C GEMV: `linear`, `bmm_nt`). Does nothing for an fp32 model
     without autocast or on another device, so such models keep plain modules and pay no per-call policy
     check. Quantised or otherwise specialised modules are left alone. Idempotent.
     """

@@ -76,19 +76,23 @@ def _drop_pages(ptr: int, nbytes: int) -> None:
     if hi <= lo:
         return
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED))
+        if "libc" not in _LIBC:  # loaded once: this runs every 64 MiB copied
+            _LIBC["libc"] = ctypes.CDLL(None, use_errno=True)
+        _LIBC["libc"].madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED))
     except (OSError, AttributeError):
         pass
+
+
+_LIBC: dict[str, ctypes.CDLL] = {}
 
 
 @torch.no_grad()
 def make_resident(model: nn.Module, keep_embeddings_mapped: bool = True) -> int:
     """Replace every file-backed parameter / buffer of `model` by an anonymous in-memory copy, in place.
 
-    One storage at a time, 64 MiB at a time, each chunk's file pages given back once copied (peak memory: the
-    model plus one chunk); tensors that shared a storage (tied
-    embeddings, views) share the copy, and a Parameter stays the same object (its `.data` is swapped).
+    One storage at a time, 64 MiB at a time, each chunk's file pages given back once copied (peak memory:
+    the model plus one chunk); tensors that shared a storage (tied embeddings, views) share the copy, and
+    a Parameter stays the same object (its `.data` is swapped).
     keep_embeddings_mapped: leave a storage that only `nn.Embedding` modules use as file pages. A lookup
     reads one row per token, so an evicted page costs one page read now and then, never a whole step,
     while copying the table would add it all to the resident memory (0.4 GiB for DeepSeek-V2's 102,400 x

@@ -8,9 +8,11 @@ calling fused loops and a few GEMM kernels.
 Nothing here is model math: the graph is `DeepseekV2.forward_hidden` itself, run with
   - `DecodeBackend`, an attention backend (the model's `AttentionBackend` seam) whose state is tensors
     only: the new rows are written at their slots, and every sequence attends over its rows gathered
-    into one padded batch (`gathered_mla_decode`, the gathered path of `PagedBackend`); the slot of
-    every row is computed in the graph from the padded block tables, so nothing about the step's
-    sequences (their lengths, their blocks) is a Python value the graph would be specialised on;
+    into one padded batch (`gathered_mla_decode`, the gathered path of `PagedBackend`), or, for MLA over
+    a plain CPU cache, through its block table by the opaque op `paged_latent_decode` (the eager
+    per-sequence attention); the slot of every row is computed in the graph from the padded block
+    tables, so nothing about the step's sequences (their lengths, their blocks) is a Python value the
+    graph would be specialised on;
   - routed experts swapped (module swap, `static_experts`) for a formulation without the eager
     dispatch's host sync (bincount -> list of counts): each token's top-k experts' weights are read by
     index in fused multiply-reduce loops, nothing gathered or copied.
@@ -47,24 +49,15 @@ def paged_latent_decode(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tenso
     -> latent outputs (B,H,C) fp32. The eager per-sequence path (`latent_decode` over zero-copy runs of
     consecutive blocks), as one opaque op of the compiled step: there it replaces a gather of every row
     into a padded batch, which cost more than it saved beyond ~1K rows."""
-    from dsv2.engine.attention import latent_decode
+    from dsv2.engine.attention import latent_decode, slot_runs
     from dsv2.precision import native_low_precision
 
-    bs, w = pool.shape[1], pool.shape[2]
-    rows = pool.view(-1, w)
+    rows = pool.view(-1, pool.shape[2])
     upcast = not native_low_precision(q.device, q.dtype)
     out = torch.empty(q.shape[0], q.shape[1], c, dtype=torch.float32, device=q.device)
     for b, (table, p) in enumerate(zip(tables.tolist(), pos.tolist())):
-        n, chunks, i = p + 1, [], 0
-        used = table[: -(-n // bs)]
-        while i < len(used):  # runs of consecutive blocks are one contiguous view each
-            j = i
-            while j + 1 < len(used) and used[j + 1] == used[j] + 1:
-                j += 1
-            start = used[i] * bs
-            chunks.append(rows[start: start + min((j + 1 - i) * bs, n - i * bs)])
-            i = j + 1
-        out[b] = latent_decode(q[b], chunks, c, scale, upcast)
+        runs = slot_runs(table, p + 1, pool.shape[1])  # consecutive blocks: one contiguous view each
+        out[b] = latent_decode(q[b], [rows[s: s + n] for s, n in runs], c, scale, upcast)
     return out
 
 

@@ -206,12 +206,9 @@ class Int4Weight:
         """x (M,K) -> (M,N) in x.dtype (scales_and_zeros must be in x.dtype)."""
         lib = native.library() if native.supports(x, self.scales_and_zeros) else None
         kp = self.packed.shape[1] * 2
-        if (lib is not None and x.shape[0] <= INT4_GEMV_ROWS and x.dtype == self.scales_and_zeros.dtype
-                == torch.bfloat16 and native.fast_int4_gemv(lib)):
-            xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # (M,Kp)
-            y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size)
-            return (y if y.shape[1] == self.n else y[:, : self.n]).to(x.dtype)
-        if lib is not None and x.shape[0] > INT4_DEQUANT_ROWS:
+        gemv = (lib is not None and x.shape[0] <= INT4_GEMV_ROWS and x.dtype == self.scales_and_zeros.dtype
+                == torch.bfloat16 and native.fast_int4_gemv(lib))
+        if lib is not None and not gemv and x.shape[0] > INT4_DEQUANT_ROWS:
             packed, sz, g = self.packed.contiguous(), self.scales_and_zeros.contiguous(), self.group_size
             padded: list[torch.Tensor] = []  # K padded to the group: one (rows, Kp) panel, reused
 
@@ -226,10 +223,12 @@ class Int4Weight:
         if lib is None and x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"]:
             dt = _gemm_dtype(x)
             return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
-        if kp > self.k:
-            x = F.pad(x, (0, kp - self.k))  # (M,Kp): zero activations make the padded columns vanish
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
-                                                       self.scales_and_zeros)
+        xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # (M,Kp): zero activations, padding vanishes
+        if gemv:
+            y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp.contiguous(), self.packed, self.group_size,
+                                                           self.scales_and_zeros)
         return y if y.shape[1] == self.n else y[:, : self.n]
 
 

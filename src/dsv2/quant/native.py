@@ -225,4 +225,3 @@ def int4_gemv(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch
     lib.dsv2_int4_gemv(_ptr(x), _ptr(packed), _ptr(sz), _ptr(xs), _ptr(y), m, np_, kp, group_size,
                        torch.get_num_threads())
     return y
-
