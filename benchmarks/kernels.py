@@ -1,0 +1,114 @@
+"""dsv2's C GEMV kernels against the paths they replaced, matrix by matrix, alternating in one process.
+
+    python benchmarks/kernels.py --threads 1
+    python benchmarks/kernels.py --threads 2
+
+Each row times one product on the issue-13 model's shapes (the 102,400 x 2,048 lm_head unless noted),
+best of 4 rounds that alternate the two sides, and prints the ratio (old / new time, > 1: the new kernel
+is faster). Random weights; the kernels' results are checked against float64 in tests/quant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dsv2.quant import kernels, native
+from dsv2.quant.kernels import Int4Weight, quantize_int8
+
+
+def best(fns: dict[str, Callable[[], object]], rounds: int = 4, calls: int = 3) -> dict[str, float]:
+    out = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            fn()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out[k] = min(out[k], (time.perf_counter() - t) / calls)
+    return out
+
+
+def row(name: str, old: str, new: str, t: dict[str, float], nbytes: int | None = None) -> None:
+    bw = f" ({nbytes / t[new] / 1e9:.1f} GB/s)" if nbytes else ""
+    print(f"| {name} | {old} {t[old] * 1e3:.2f} ms | {new} {t[new] * 1e3:.2f} ms{bw} | {t[old] / t[new]:.2f}x |",
+          flush=True)
+
+
+def int4_rows(lib, g: torch.Generator, n: int, k: int) -> None:
+    for gs in (32, 128):
+        w4 = Int4Weight.quantize(torch.randn(n, k, generator=g) * 0.05, gs, torch.bfloat16)
+        nb = w4.packed.nbytes + w4.scales_and_zeros.nbytes
+
+        def ours(x: torch.Tensor, w4: Int4Weight = w4, gs: int = gs) -> torch.Tensor:
+            return native.int4_gemv(lib, x, w4.packed, w4.scales_and_zeros, gs)
+
+        def aten(x: torch.Tensor, w4: Int4Weight = w4, gs: int = gs) -> torch.Tensor:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4.packed, gs, w4.scales_and_zeros)
+
+        def panels(x: torch.Tensor, w4: Int4Weight = w4) -> torch.Tensor:  # the dequantise + GEMM path
+            saved, kernels.INT4_GEMV_ROWS = kernels.INT4_GEMV_ROWS, 0
+            try:
+                return w4.mm(x)
+            finally:
+                kernels.INT4_GEMV_ROWS = saved
+
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            t = best({"aten": lambda x=x: aten(x), "dsv2": lambda x=x: ours(x)})
+            row(f"int4 g{gs}, {m} row(s)", "aten", "dsv2", t, nb if m == 1 else None)
+        for m in (32, 128):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            t = best({"panels": lambda x=x: panels(x), "dsv2": lambda x=x: ours(x)}, rounds=2)
+            row(f"int4 g{gs}, {m} rows", "panels", "dsv2", t)
+
+
+def int8_rows(lib, g: torch.Generator, n: int, k: int) -> None:
+    q, s = quantize_int8(torch.randn(n, k, generator=g) * 0.05)
+    s = s.bfloat16()
+    x = torch.randn(1, k, generator=g).bfloat16()
+    t = best({"fp32 GEMV": lambda: native.int8_gemv(lib, x, q, s),
+              "nibbles": lambda: native.int8_gemv_bf16(lib, x, q, s)})
+    row("int8, 1 bf16 row", "fp32 GEMV", "nibbles", t, q.nbytes)
+
+
+def bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    x = torch.randn(1, k, generator=g).bfloat16()
+    t = best({"fp32 4-row tiles": lambda: native.bf16_gemv(lib, x.float(), w),
+              "bf16 row stream": lambda: native.bf16_gemv(lib, x, w)})
+    row("bf16, 1 row", "fp32 4-row tiles", "bf16 row stream", t, w.nbytes)
+    for m in (2, 4):
+        xm = torch.randn(m, k, generator=g).bfloat16()
+        t = best({"F.linear": lambda xm=xm: F.linear(xm, w), "dsv2": lambda xm=xm: native.bf16_gemv(lib, xm, w)})
+        row(f"bf16, {m} rows", "F.linear", "dsv2", t)
+    kv_b = (torch.randn(16 * 256, 512, generator=g) * 0.05).bfloat16().view(16, 256, 512)
+    w_uv = kv_b[:, 128:]  # (H,Dv,C): the heads' rows of kv_b_proj, as MLA.absorbed_weights gives them
+    o = torch.randn(16, 1, 512, generator=g).bfloat16()
+    w_uv_t = w_uv.transpose(1, 2).contiguous()  # (H,C,Dv): what the absorbed path multiplied by before
+    t = best({"torch.bmm": lambda: torch.bmm(o, w_uv_t),
+              "dsv2": lambda: native.bf16_bgemv(lib, o, w_uv)}, calls=50)
+    row("MLA W_UV, 16 heads x 128 x 512, 1 row", "torch.bmm", "dsv2", t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lib = native.library()
+    if lib is None or not native.fast_int4_gemv(lib):
+        raise SystemExit("needs dsv2's C kernels built with AVX512_BF16 + VBMI (this CPU or build has not)")
+    g = torch.Generator().manual_seed(0)
+    print(f"threads {args.threads}; torch {torch.__version__}")
+    print("| product | before | now | ratio |\n|---|---|---|---|")
+    for section in (int4_rows, int8_rows, bf16_rows):
+        section(lib, g, 102_400, 2_048)
+
+
+if __name__ == "__main__":
+    main()
