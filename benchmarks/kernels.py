@@ -2,6 +2,9 @@
 
     python benchmarks/kernels.py --threads 1
     python benchmarks/kernels.py --threads 2
+    # the AVX2 paths on an AVX512 machine: PyTorch, oneDNN, MKL and dsv2's kernels capped at AVX2
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 DSV2_CFLAGS="-mavx2 -mfma" \
+        python benchmarks/kernels.py --threads 2
 
 Each row times one product on the issue-13 model's shapes (the 102,400 x 2,048 lm_head unless noted),
 best of 4 rounds that alternate the two sides, and prints the ratio (old / new time, > 1: the new kernel
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv2.quant import kernels, native
-from dsv2.quant.kernels import Int4Weight, quantize_int8
+from dsv2.quant.kernels import Int4Weight, aten_int4_layout, quantize_int8, unpack_int4
 
 
 def best(fns: dict[str, Callable[[], object]], rounds: int = 4, calls: int = 3) -> dict[str, float]:
@@ -47,8 +50,12 @@ def int4_rows(lib, g: torch.Generator, n: int, k: int) -> None:
         def ours(x: torch.Tensor, w4: Int4Weight = w4, gs: int = gs) -> torch.Tensor:
             return native.int4_gemv(lib, x, w4.packed, w4.scales_and_zeros, gs)
 
-        def aten(x: torch.Tensor, w4: Int4Weight = w4, gs: int = gs) -> torch.Tensor:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4.packed, gs, w4.scales_and_zeros)
+        # aten's kernel reads its own packing, which is dsv2's only under PyTorch's AVX512 kernels
+        theirs = w4.packed if aten_int4_layout() else torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack_int4(w4.packed, w4.packed.shape[0], w4.packed.shape[1] * 2).to(torch.int32), 1)
+
+        def aten(x: torch.Tensor, w4: Int4Weight = w4, gs: int = gs, theirs: torch.Tensor = theirs) -> torch.Tensor:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, theirs, gs, w4.scales_and_zeros)
 
         def panels(x: torch.Tensor, w4: Int4Weight = w4) -> torch.Tensor:  # the dequantise + GEMM path
             saved, kernels.INT4_GEMV_ROWS = kernels.INT4_GEMV_ROWS, 0
@@ -68,6 +75,8 @@ def int4_rows(lib, g: torch.Generator, n: int, k: int) -> None:
 
 
 def int8_rows(lib, g: torch.Generator, n: int, k: int) -> None:
+    if not native.fast_int8_bf16_gemv(lib):  # no AVX512_BF16: int8 has only the fp32 GEMV
+        return
     q, s = quantize_int8(torch.randn(n, k, generator=g) * 0.05)
     s = s.bfloat16()
     x = torch.randn(1, k, generator=g).bfloat16()
@@ -79,9 +88,8 @@ def int8_rows(lib, g: torch.Generator, n: int, k: int) -> None:
 def bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
     w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
     x = torch.randn(1, k, generator=g).bfloat16()
-    t = best({"fp32 4-row tiles": lambda: native.bf16_gemv(lib, x.float(), w),
-              "bf16 row stream": lambda: native.bf16_gemv(lib, x, w)})
-    row("bf16, 1 row", "fp32 4-row tiles", "bf16 row stream", t, w.nbytes)
+    t = best({"F.linear": lambda: F.linear(x, w), "dsv2": lambda: native.bf16_gemv(lib, x, w)})
+    row("bf16, 1 row", "F.linear", "dsv2", t, w.nbytes)
     for m in (2, 4):
         xm = torch.randn(m, k, generator=g).bfloat16()
         t = best({"F.linear": lambda xm=xm: F.linear(xm, w), "dsv2": lambda xm=xm: native.bf16_gemv(lib, xm, w)})
@@ -102,9 +110,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lib = native.library()
     if lib is None or not native.fast_int4_gemv(lib):
-        raise SystemExit("needs dsv2's C kernels built with AVX512_BF16 + VBMI (this CPU or build has not)")
+        raise SystemExit("needs dsv2's C kernels built with AVX512_BF16 + VBMI or AVX2 + FMA (this CPU or build "
+                         "has neither)")
     g = torch.Generator().manual_seed(0)
-    print(f"threads {args.threads}; torch {torch.__version__}")
+    isa = {1: "AVX512_BF16 + VBMI", 2: "AVX2 + FMA"}[lib.dsv2_int4_gemv_fast()]
+    print(f"threads {args.threads}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
+          f"dsv2 kernels: {isa}")
     print("| product | before | now | ratio |\n|---|---|---|---|")
     for section in (int4_rows, int8_rows, bf16_rows):
         section(lib, g, 102_400, 2_048)

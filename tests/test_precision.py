@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from dsv2.precision import UPCAST_GEMV_ROWS, native_low_precision, prepare
 from dsv2.precision import CpuLinear as Linear
-from dsv2.precision import native_low_precision, prepare
+
+ROWS = UPCAST_GEMV_ROWS + 4  # more rows than the C GEMV takes: the packed copy's GEMM where bf16 is emulated
 
 
 def ref(x: torch.Tensor, lin: Linear) -> torch.Tensor:
@@ -18,7 +20,7 @@ def ref(x: torch.Tensor, lin: Linear) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 1, 96), (2, 37, 96), (130, 96)])
+@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 1, 96), (UPCAST_GEMV_ROWS, 96), (2, 37, 96), (130, 96)])
 def test_linear_inference_matches_float64(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(3)
     lin = Linear(96, 80, bias=True, dtype=dtype)
@@ -35,7 +37,7 @@ def test_linear_inference_matches_float64(dtype: torch.dtype, shape: tuple[int, 
 
 def test_packed_copy_follows_weight_updates() -> None:
     lin = Linear(64, 48, bias=False, dtype=torch.bfloat16)
-    x = torch.randn(5, 64).bfloat16()
+    x = torch.randn(ROWS, 64).bfloat16()
     with torch.inference_mode():
         lin(x)
     packed = not native_low_precision(torch.device("cpu"), torch.bfloat16)
@@ -61,7 +63,7 @@ def test_cached_copies_survive_deepcopy_pickle_and_moves() -> None:
     import io
 
     lin = Linear(64, 48, bias=False, dtype=torch.bfloat16)
-    x = torch.randn(5, 64).bfloat16()
+    x = torch.randn(ROWS, 64).bfloat16()
     with torch.inference_mode():
         want = lin(x)
     twin = copy.deepcopy(lin)  # a packed oneDNN copy has no storage: it must not be copied

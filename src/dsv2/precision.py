@@ -63,23 +63,31 @@ def derived(weight: torch.Tensor, owner: object, slot: str, make: Callable[[torc
 
 
 GEMV_ROWS = 4  # up to this many rows: dsv2's C GEMV (1.4-1.9x PyTorch's bf16 GEMM at 2-4 rows, 2 Zen 4 cores)
+# where bf16 is not native (AVX2): up to this many rows the C GEMV on the bf16 weight instead of the fp32 GEMM
+# on a packed fp32 copy (2.4-3.3x at 2-4 rows, 1.4-1.8x at 8, 1.1-1.3x at 16; 2 Zen 4 cores capped at AVX2)
+UPCAST_GEMV_ROWS = 16
 
 
-def _gemv_library(x: torch.Tensor, w: torch.Tensor, rows: int) -> ctypes.CDLL | None:
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
+def _gemv_library(x: torch.Tensor, w: torch.Tensor, rows: int, max_rows: int = GEMV_ROWS) -> ctypes.CDLL | None:
     """dsv2's C kernel library when `rows` rows of x (bf16 or fp32) times a bf16 weight w are a GEMV it takes
-    (CPU, inference, eager, at most GEMV_ROWS rows); else None."""
-    if (w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and 0 < rows <= GEMV_ROWS
+    (CPU, inference, eager, at most max_rows rows); else None."""
+    if (w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and 0 < rows <= max_rows
             and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
         return native.library()
     return None
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except a few rows (<= GEMV_ROWS: decode) times a bf16 weight on the CPU in inference:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+           max_rows: int = GEMV_ROWS) -> torch.Tensor:
+    """F.linear, except a few rows (<= max_rows: decode) times a bf16 weight on the CPU in inference:
     dsv2's C GEMV (`dsv2.quant.native`), which reads the weight at memory speed where PyTorch's bf16 GEMV
     reads it at a fraction of that (one row: 4.3 vs ~20 GB/s on one Zen 4 core, no AMX). Same result up to
     the order of the fp32 sums; F.linear wherever the C library is missing or off."""
-    lib = _gemv_library(x, w, x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0)
+    lib = _gemv_library(x, w, _rows(x), max_rows)
     if lib is not None:
         y = native.bf16_gemv(lib, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
         return (y if b is None else y + b.float()).to(x.dtype)
@@ -107,7 +115,8 @@ class CpuLinear(nn.Linear):
 
     - one row in inference (decode): the low-precision GEMV is not on the slow path and reads half the
       bytes, so it runs as stored (bf16: dsv2's C GEMV, `linear`; also where bf16 GEMMs are native);
-    - several rows in inference: fp32 GEMM on a cached fp32 copy pre-packed in oneDNN's blocked layout
+      up to UPCAST_GEMV_ROWS rows too, where the C GEMV is there;
+    - more rows in inference: fp32 GEMM on a cached fp32 copy pre-packed in oneDNN's blocked layout
       (for the 2..~100-row GEMMs of batched decode MKL's plain sgemm re-reads the weight almost once per
       row; the packed weight runs 1.6-3.3x faster there and no slower at prefill sizes);
     - training / autocast: upcast on the fly, so gradients reach the stored weight.
@@ -123,8 +132,9 @@ class CpuLinear(nn.Linear):
         if out is None and native_low_precision(w.device, w.dtype):
             return linear(x, w, b)
         inference = not torch.is_grad_enabled()
-        if inference and x.numel() == x.shape[-1] and x.dtype == w.dtype:
-            return linear(x, w, b)  # one row: a GEMV as stored
+        if inference and x.dtype == w.dtype and (
+                x.numel() == x.shape[-1] or _gemv_library(x, w, _rows(x), UPCAST_GEMV_ROWS) is not None):
+            return linear(x, w, b, UPCAST_GEMV_ROWS)  # one row, or a few through the C GEMV: as stored
         autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         if (inference and not autocast and x.dtype == w.dtype and _onednn_packing()
                 and not torch.compiler.is_compiling()):  # inductor cannot take an opaque packed weight

@@ -18,6 +18,7 @@ from dsv2.quant.kernels import (
     INT4_GEMV_ROWS,
     INT8_DEQUANT_ROWS,
     Int4Weight,
+    aten_int4_layout,
     pack_int4,
     quantize_int4,
     quantize_int8,
@@ -168,9 +169,52 @@ def test_bad_requests_are_named() -> None:
 
 
 @pytest.mark.parametrize("n, k", [(64, 64), (128, 96), (48, 64), (208, 256), (16, 32)])
-def test_unpack_inverts_the_cpu_int4_packing(n: int, k: int) -> None:
+def test_unpack_inverts_the_int4_packing(n: int, k: int) -> None:
+    """pack_int4 / unpack_int4 round trip, and where aten's kernel reads dsv2's layout (PyTorch's AVX512
+    kernels) aten packs the same bytes."""
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=GEN)
-    assert torch.equal(unpack_int4(pack_int4(q), n, k), q)
+    packed = pack_int4(q)
+    assert packed.shape == (n, k // 2) and torch.equal(unpack_int4(packed, n, k), q)
+    if aten_int4_layout():
+        assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), packed)
+
+
+_OTHER_ISA = """
+import torch
+from dsv2.quant import QuantLinear, native
+from dsv2.quant.kernels import aten_int4_layout
+assert torch.backends.cpu.get_cpu_capability() == "{cap}"
+g = torch.Generator().manual_seed(0)
+w = torch.randn(208, 256, generator=g) * 0.05
+x = torch.randn(40, 256, generator=g)
+for dt in (torch.float32, torch.bfloat16):
+    q = QuantLinear.from_weight(w, None, "int4", 64, dt)
+    ref = x.double() @ q.weight.double().T  # the codes dequantised in Python
+    for m in (1, 3, 40):
+        err = (q(x[:m].to(dt)).double() - ref[:m]).abs().max() / ref.abs().max()
+        assert err < (1e-5 if dt == torch.float32 else 1.6e-2), (dt, m, float(err))
+print("aten layout", aten_int4_layout(), "C kernels", native.library() is not None)
+"""
+
+
+@pytest.mark.parametrize("cap", ["avx2", "default"])
+def test_int4_is_right_where_aten_packs_another_layout(kernels: str, cap: str, tmp_path) -> None:
+    """aten's int4 packing follows the CPU PyTorch runs on (AVX2 and the portable build pack 32-row blocks), so
+    dsv2 packs its own layout and keeps int4 products away from aten's kernel where the two differ: under
+    ATEN_CPU_CAPABILITY=avx2 / default, int4 linears (C kernels, or PyTorch alone) match the dequantised
+    codes."""
+    import os
+    import subprocess
+    import sys
+
+    if cap == "avx2" and not _cpu_has("avx2", "fma"):
+        pytest.skip("this CPU cannot run PyTorch's AVX2 kernels")
+    if os.environ.get("DSV2_CFLAGS") == "" or (cap == "default" and "DSV2_CFLAGS" in os.environ):
+        pytest.skip("covered by the other builds (a subprocess each: kept to the builds that differ)")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+    out = subprocess.run([sys.executable, "-c", _OTHER_ISA.format(cap=cap.upper())], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_dequantised_weight_is_what_the_kernel_multiplies_by() -> None:

@@ -4,16 +4,18 @@
  * GEMM. The pure-PyTorch path (aten's kernels, F.linear) is used wherever this library cannot be built.
  * With AVX512_BF16 the bf16-activation paths multiply with vdpbf16ps (bf16 pairs, exact products, fp32
  * sums): weights that are not bf16 become bf16 in registers first (int4 codes and int8 nibbles as the
- * bf16 128 + code, the offset taken out with the activations' sums). The int4 GEMV needs AVX512_BF16 +
- * VBMI; elsewhere dsv2_int4_gemv is a plain loop for tests and int4 products stay on aten's kernel.
+ * bf16 128 + code, the offset taken out with the activations' sums). The int4 GEMV has an AVX512_BF16 +
+ * VBMI path and an AVX2 + FMA one; elsewhere dsv2_int4_gemv is a plain loop for tests. Without AVX512_BF16
+ * one bf16 row (x in L1) also reads one weight row at a time, widened to fp32.
  *
  * Shapes: M activation rows, N output features (rows of the weight), K input features, g int4 group.
  * Weights use the layouts dsv2/quant/kernels.py stores:
  *   int8: q (N, K) int8 row-major, scale (N,): w = q * scale. bf16: w (N, K) row-major, as stored.
- *   int4: aten's CPU pack, packed (Np, Kp/2) uint8 with Np % 16 == 0: rows in blocks of 64, each block a
- *         (Kp, 32) byte array whose low nibbles are rows 0..31 and high nibbles rows 32..63 of the block;
- *         a last block of t < 64 rows is a (Kp, t/2) array with row 2j in the low and row 2j+1 in the high
- *         nibble of byte j. sz (Kp/g, Np, 2) = (scale, zero): w = (q - 8) * scale + zero.
+ *   int4: dsv2's pack (aten's CPU pack under AVX512), packed (Np, Kp/2) uint8 with Np % 16 == 0: rows in
+ *         blocks of 64, each block a (Kp, 32) byte array whose low nibbles are rows 0..31 and high nibbles
+ *         rows 32..63 of the block; a last block of t < 64 rows is a (Kp, t/2) array with row 2j in the low
+ *         and row 2j+1 in the high nibble of byte j. sz (Kp/g, Np, 2) = (scale, zero):
+ *         w = (q - 8) * scale + zero.
  * Scales are fp32 or bf16 (flag *_bf16), activations fp32 or bf16 (per kernel), results fp32 (GEMV) or fp32 /
  * bf16 (dequant).
  */
@@ -252,19 +254,46 @@ static void bf16dp_gemv_batched(const uint16_t *x, int64_t ldxb, const uint16_t 
 }
 #endif
 
+/* One fp32 activation row against bf16 weights, one weight row at a time (the sequential stream of
+ * bf16dp_row, for CPUs without AVX512_BF16: the weight widened to fp32 by a shift, 4 accumulators). Only
+ * while x stays in L1 (ROW_STREAM_K columns, 16 KiB): beyond, every weight row would re-read x from L2, and
+ * the 4-row tiles, which read it once per 4 rows, are faster (2x at K = 10944 on Zen 4 capped at AVX2). */
+#define ROW_STREAM_K 4096
+static void bf16f_row_gemv_batched(const float *x, int64_t ldxb, const uint16_t *q, int64_t ldwb, int64_t ldw,
+                                   float *y, int64_t ldyb, int64_t B, int64_t N, int64_t K, int nthreads) {
+    const int64_t kv = K / (4 * VW) * (4 * VW);
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t n = 0; n < N; n++) {
+            const uint16_t *wr = q + b * ldwb + n * ldw;
+            const float *xr = x + b * ldxb;
+            vf acc[4] = {vzero(), vzero(), vzero(), vzero()};
+            for (int64_t k = 0; k < kv; k += 4 * VW)
+                for (int i = 0; i < 4; i++) acc[i] = vfma(cvt_bf16(wr + k + i * VW), vload(xr + k + i * VW), acc[i]);
+            float a = 0.f;
+            for (int i = 0; i < 4; i++) a += vsum(acc[i]);
+            for (int64_t k = kv; k < K; k++) a += xr[k] * bf2f(wr[k]);
+            y[b * ldyb + n] = a;
+        }
+}
+
 /* B bf16 GEMVs at once: y[b] (M, N) fp32 = x[b] (M, K) @ w[b]^T, each weight (N, K) with rows ldw apart (one
- * weight: B = 1; MLA's per-head W_UK / W_UV: heads ldwb apart). x is bf16 (x_bf16) or fp32; one bf16 row on a
- * CPU with AVX512_BF16 takes the dot-product loop, anything else the fp32 one (bf16 x widened first). */
+ * weight: B = 1; MLA's per-head W_UK / W_UV: heads ldwb apart). x is bf16 (x_bf16) or fp32. One row reads one
+ * weight row at a time: bf16 x on a CPU with AVX512_BF16 by the dot-product loop, else in fp32 (bf16 x
+ * widened first); several rows take the 4-row fp32 loop, which reuses each weight vector in registers. */
 void dsv2_bf16_bgemv(const void *x, int x_bf16, int64_t ldxb, const uint16_t *w, int64_t ldwb, int64_t ldw,
                      float *y, int64_t ldyb, int64_t B, int64_t M, int64_t N, int64_t K, int nthreads) {
 #if defined(__AVX512BF16__)
-    if (x_bf16 && M == 1) { /* several rows: the 4-row fp32 loop, which reuses each weight vector in registers */
+    if (x_bf16 && M == 1) {
         bf16dp_gemv_batched((const uint16_t *)x, ldxb, w, ldwb, ldw, y, ldyb, B, M, N, K, nthreads);
         return;
     }
 #endif
     if (!x_bf16) {
-        bf16w_gemv_batched((const float *)x, ldxb, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
+        if (M == 1 && K <= ROW_STREAM_K)
+            bf16f_row_gemv_batched((const float *)x, ldxb, w, ldwb, ldw, y, ldyb, B, N, K, nthreads);
+        else
+            bf16w_gemv_batched((const float *)x, ldxb, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
         return;
     }
     float *xf = (float *)malloc((size_t)(B * M * K) * sizeof(float));
@@ -274,7 +303,10 @@ void dsv2_bf16_bgemv(const void *x, int x_bf16, int64_t ldxb, const uint16_t *w,
     }
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < M * K; i++) xf[b * M * K + i] = bf2f(((const uint16_t *)x)[b * ldxb + i]);
-    bf16w_gemv_batched(xf, M * K, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
+    if (M == 1 && K <= ROW_STREAM_K)
+        bf16f_row_gemv_batched(xf, K, w, ldwb, ldw, y, ldyb, B, N, K, nthreads);
+    else
+        bf16w_gemv_batched(xf, M * K, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
     free(xf);
 }
 
@@ -549,11 +581,86 @@ static inline __attribute__((always_inline)) void int4_block_fast(const uint16_t
         }
     }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define INT4_GEMV_FAST 2
+/* AVX2: the activations widened to fp32 once (xf), 8 codes at a time zero-extended to dwords, masked or
+ * shifted to one nibble, and converted to fp32 (exact), then one FMA per activation row; per group the
+ * same closing step as above (no 128 offset here). One activation row: all 64 rows of the block in one pass
+ * (8 accumulators). Two to four: the block a quarter (16 rows: 16 bytes' low or high nibbles) at a time, so
+ * that 4 rows' accumulators stay in the 16 registers. */
+static inline __m256 int4_codes8(const uint8_t *p, int high) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_cvtepi32_ps(high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15)));
+}
+
+/* the group closing step for 8 rows r..r+7 of MC activation rows: y += acc * scale + xs * (zero - 8 scale) */
+static inline __attribute__((always_inline)) void int4_close8(const __m256 *acc, int64_t acc_stride, int MC,
+                                                              const uint16_t *sz, const float *xs, int64_t ng,
+                                                              int64_t grp, float *y, int64_t Np, int64_t r) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(sz + (grp * Np + r) * 2)); /* 8 (scale, zero) pairs */
+    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
+    const __m256 c = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z);
+    for (int m = 0; m < MC; m++) {
+        float *yr = y + m * Np + r;
+        const __m256 o = _mm256_fmadd_ps(acc[m * acc_stride], s, _mm256_loadu_ps(yr));
+        _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_set1_ps(xs[m * ng + grp]), c, o));
+    }
+}
+
+static void int4_block_avx2_1(const float *x, const float *xs, const uint8_t *bp, const uint16_t *sz, float *y,
+                              int64_t Np, int64_t Kp, int64_t g, int64_t row0) {
+    const int64_t ng = Kp / g;
+    for (int64_t grp = 0; grp < ng; grp++) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int i = 0; i < 8; i += 2) __builtin_prefetch(sz + (grp * Np + row0 + 64 + 8 * i) * 2, 0, 0);
+        const uint8_t *p = bp + grp * g * 32;
+        for (int64_t k = grp * g; k < grp * g + g; k++, p += 32) {
+            const __m256 xv = _mm256_broadcast_ss(x + k);
+            for (int i = 0; i < 4; i++) { /* bytes 8i..8i+7: rows 8i.. (low nibbles), 32 + 8i.. (high) */
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * i)));
+                const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+                const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                acc[i] = _mm256_fmadd_ps(lo, xv, acc[i]);
+                acc[4 + i] = _mm256_fmadd_ps(hi, xv, acc[4 + i]);
+            }
+        }
+        for (int i = 0; i < 8; i++) int4_close8(acc + i, 1, 1, sz, xs, ng, grp, y, Np, row0 + 8 * i);
+    }
+}
+
+static inline __attribute__((always_inline)) void int4_block_avx2_q(const float *x, const float *xs,
+                                                                    const uint8_t *bp, const uint16_t *sz, float *y,
+                                                                    const int MC, int64_t Np, int64_t Kp, int64_t g,
+                                                                    int64_t row0) {
+    const int64_t ng = Kp / g;
+    for (int quarter = 0; quarter < 4; quarter++) {
+        const int64_t off = (quarter & 1) * 16, r = row0 + 16 * (quarter & 1) + 32 * (quarter >> 1);
+        const int high = quarter >> 1;
+        for (int64_t grp = 0; grp < ng; grp++) {
+            __m256 acc[4][2];
+            for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+            const uint8_t *p = bp + grp * g * 32 + off;
+            for (int64_t k = grp * g; k < grp * g + g; k++, p += 32) {
+                const __m256 w0 = int4_codes8(p, high), w1 = int4_codes8(p + 8, high);
+                for (int m = 0; m < MC; m++) {
+                    const __m256 xv = _mm256_broadcast_ss(x + m * Kp + k);
+                    acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
+                    acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
+                }
+            }
+            int4_close8(&acc[0][0], 2, MC, sz, xs, ng, grp, y, Np, r);
+            int4_close8(&acc[0][1], 2, MC, sz, xs, ng, grp, y, Np, r + 8);
+        }
+    }
+}
 #else
 #define INT4_GEMV_FAST 0
 #endif
 
-/* 1 where dsv2_int4_gemv has its vector path (else it is the plain loop, for tests) */
+/* where dsv2_int4_gemv has a vector path: 1 AVX512_BF16 + VBMI, 2 AVX2 + FMA, 0 none (the plain loop, for
+ * tests) */
 int dsv2_int4_gemv_fast(void) { return INT4_GEMV_FAST; }
 
 void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, float *xs, float *y, int64_t M,
@@ -565,9 +672,34 @@ void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz
             for (int64_t k = i * g; k < (i + 1) * g; k++) s += bf2f(x[m * Kp + k]);
             xs[m * ng + i] = s;
         }
+#if INT4_GEMV_FAST == 2
+    float *xf = (float *)malloc((size_t)(M * Kp) * sizeof(float));
+    if (!xf) { /* cannot happen for a GEMV's rows; leave y as NaN rather than crash */
+        for (int64_t i = 0; i < M * Np; i++) y[i] = __builtin_nanf("");
+        return;
+    }
+    for (int64_t i = 0; i < M * Kp; i++) xf[i] = bf2f(x[i]);
+#endif
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < nb; b++) {
-#if INT4_GEMV_FAST
+#if INT4_GEMV_FAST == 2
+        if (b < Np / 64) {
+            const uint8_t *bp = packed + b * 32 * Kp;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) { /* the block stays in L2 across row tiles */
+                float *yb = y + m0 * Np + b * 64;
+                const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
+                for (int m = 0; m < mc; m++) memset(yb + m * Np, 0, 64 * sizeof(float));
+                const float *xm = xf + m0 * Kp, *xsm = xs + m0 * ng;
+                switch (mc) {
+                    case 1: int4_block_avx2_1(xm, xsm, bp, sz, y + m0 * Np, Np, Kp, g, b * 64); break;
+                    case 2: int4_block_avx2_q(xm, xsm, bp, sz, y + m0 * Np, 2, Np, Kp, g, b * 64); break;
+                    case 3: int4_block_avx2_q(xm, xsm, bp, sz, y + m0 * Np, 3, Np, Kp, g, b * 64); break;
+                    default: int4_block_avx2_q(xm, xsm, bp, sz, y + m0 * Np, 4, Np, Kp, g, b * 64); break;
+                }
+            }
+            continue;
+        }
+#elif INT4_GEMV_FAST
         if (b < Np / 64) {
             const uint8_t *bp = packed + b * 32 * Kp;
             for (int64_t m0 = 0; m0 < M; m0 += 4) { /* the block stays in L2 across row tiles */
@@ -588,5 +720,8 @@ void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz
 #endif
         int4_block_ref(x, xs, packed, sz, y, M, Np, Kp, g, b);
     }
+#if INT4_GEMV_FAST == 2
+    free(xf);
+#endif
 }
 

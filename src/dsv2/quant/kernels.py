@@ -8,8 +8,8 @@ int8: symmetric per output channel. scale_n = max|w_n| / 127, q = round(w / scal
 int4: asymmetric per group of g input features. scale = (max - min) / 15, q = round((w - min) / scale)
   in [0, 15], stored as scales_and_zeros (K/g, N, 2) = [scale, zero] with zero = min + 8·scale, so that
   w ≈ (q - 8) · scale + zero (the convention of `aten._weight_int4pack_mm_for_cpu`, checked against a
-  float64 reference in tests/quant). q is packed by `aten._convert_weight_to_int4pack_for_cpu` to
-  (N, K/2) uint8; the CPU kernel wants N % 16 == 0 and g in {32, 64, 128, 256}: `Int4Weight` pads
+  float64 reference in tests/quant). q is packed by `pack_int4` to (N, K/2) uint8 (aten's AVX512 layout,
+  the same on every machine); the kernels want N % 16 == 0 and g in {32, 64, 128, 256}: `Int4Weight` pads
   N with zero rows and K (when g does not divide it, e.g. V2-Lite's dense 10944) by repeating the
   last column, and pads x with zeros, so padding never changes a result.
 """
@@ -142,10 +142,11 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of `pack_int4`: (n, k/2) packed -> (n, k) uint8 codes. The CPU layout, found by experiment
-    (tests/quant checks the round trip): rows in blocks of 64, each block a (k, 32) byte array whose
-    low nibbles are rows 0..31 and high nibbles rows 32..63 of the block; a last block of fewer rows
-    (16, 32 or 48) holds even rows in the low and odd rows in the high nibbles."""
+    """Inverse of `pack_int4`: (n, k/2) packed -> (n, k) uint8 codes. dsv2's layout (aten's CPU packing under
+    AVX512, found by experiment; tests/quant checks it against aten's where they agree): rows in blocks of
+    64, each block a (k, 32) byte array whose low nibbles are rows 0..31 and high nibbles rows 32..63 of the
+    block; a last block of fewer rows (16, 32 or 48) holds even rows in the low and odd rows in the high
+    nibbles."""
     flat = packed.reshape(-1)
     full = n // 64
     out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
@@ -160,9 +161,39 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N,K) uint8 in [0,15] -> the CPU kernel's (N, K/2) uint8 layout (rows are packed independently)."""
-    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + _ROWS].to(torch.int32), 1)
-                      for i in range(0, q.shape[0], _ROWS)])
+    """(N,K) codes in [0,15] -> dsv2's (N, K/2) uint8 layout (N % 16 == 0, K even), the inverse of
+    `unpack_int4`. It is the layout of `aten._convert_weight_to_int4pack_for_cpu` where PyTorch runs its
+    AVX512 kernels, written here in plain PyTorch because aten's packing follows the CPU it runs on (AVX2 and
+    the portable build pack 32-row blocks): a quantised folder must read the same on every machine."""
+    n, k = q.shape
+    if n % 16 or k % 2:
+        raise QuantError(f"pack_int4 needs rows a multiple of 16 and an even column count, got {tuple(q.shape)}")
+    q = q.to(torch.uint8)
+    full = n // 64
+    parts = []
+    if full:
+        halves = q[: full * 64].view(full, 2, 32, k)  # (B,2,32,K): rows 0..31 and 32..63 of each block
+        parts.append((halves[:, 0] | halves[:, 1] << 4).transpose(1, 2).reshape(-1))  # (B,K,32) bytes
+    if n > full * 64:
+        tail = q[full * 64:]  # (t,K): even rows in the low, odd rows in the high nibbles
+        parts.append((tail[0::2] | tail[1::2] << 4).t().reshape(-1))  # (K,t/2) bytes
+    return torch.cat(parts).view(n, k // 2)
+
+
+_ATEN_LAYOUT: list[bool] = []
+
+
+def aten_int4_layout() -> bool:
+    """Whether aten's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) reads dsv2's layout on this machine:
+    true where PyTorch runs its AVX512 kernels. Elsewhere int4 products never reach that kernel."""
+    if not _ATEN_LAYOUT:
+        probe = (torch.arange(80 * 64) * 7 % 16).view(80, 64)  # one full 64-row block and a 16-row tail
+        try:
+            theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
+            _ATEN_LAYOUT.append(torch.equal(theirs.reshape(-1), pack_int4(probe).reshape(-1)))
+        except RuntimeError:
+            _ATEN_LAYOUT.append(False)
+    return _ATEN_LAYOUT[0]
 
 
 @dataclass
@@ -202,6 +233,21 @@ class Int4Weight:
         w = w * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
         return w.flatten(1)[:, : self.k]
 
+    def _panels(self, lib, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ by the dense GEMM on panels of W dequantised in C."""
+        packed, sz, g, kp = self.packed.contiguous(), self.scales_and_zeros.contiguous(), self.group_size, \
+            self.packed.shape[1] * 2
+        padded: list[torch.Tensor] = []  # K padded to the group: one (rows, Kp) panel, reused
+
+        def dequant(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+            if kp == self.k:
+                return native.int4_dequant(lib, packed, sz, g, r0, r1, out)
+            if not padded:
+                padded.append(torch.empty(out.shape[0], kp, dtype=out.dtype))
+            full = native.int4_dequant(lib, packed, sz, g, r0, r1, padded[0][: r1 - r0])
+            return out.copy_(full[:, : self.k])
+        return panel_mm(x, self.n, dequant)
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M,K) -> (M,N) in x.dtype (scales_and_zeros must be in x.dtype)."""
         lib = native.library() if native.supports(x, self.scales_and_zeros) else None
@@ -209,20 +255,12 @@ class Int4Weight:
         gemv = (lib is not None and x.shape[0] <= INT4_GEMV_ROWS and x.dtype == self.scales_and_zeros.dtype
                 == torch.bfloat16 and native.fast_int4_gemv(lib))
         if lib is not None and not gemv and x.shape[0] > INT4_DEQUANT_ROWS:
-            packed, sz, g = self.packed.contiguous(), self.scales_and_zeros.contiguous(), self.group_size
-            padded: list[torch.Tensor] = []  # K padded to the group: one (rows, Kp) panel, reused
-
-            def dequant(r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
-                if kp == self.k:
-                    return native.int4_dequant(lib, packed, sz, g, r0, r1, out)
-                if not padded:
-                    padded.append(torch.empty(out.shape[0], kp, dtype=out.dtype))
-                full = native.int4_dequant(lib, packed, sz, g, r0, r1, padded[0][: r1 - r0])
-                return out.copy_(full[:, : self.k])
-            return panel_mm(x, self.n, dequant)
-        if lib is None and x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"]:
+            return self._panels(lib, x)
+        if lib is None and (x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"] or not aten_int4_layout()):
             dt = _gemm_dtype(x)
             return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
+        if lib is not None and not gemv and not aten_int4_layout():  # aten would misread the bytes: panels
+            return self._panels(lib, x)
         xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # (M,Kp): zero activations, padding vanishes
         if gemv:
             y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)

@@ -205,8 +205,8 @@ def int4_dequant(lib: ctypes.CDLL, packed: torch.Tensor, sz: torch.Tensor, group
 
 
 def fast_int4_gemv(lib: ctypes.CDLL) -> bool:
-    """Whether this build's `dsv2_int4_gemv` has its vector path (AVX512_BF16 + VBMI); elsewhere it is a
-    plain loop that tests call but the kernels do not."""
+    """Whether this build's `dsv2_int4_gemv` has a vector path (AVX512_BF16 + VBMI, or AVX2 + FMA); elsewhere
+    it is a plain loop that tests call but the kernels do not."""
     return bool(lib.dsv2_int4_gemv_fast())
 
 

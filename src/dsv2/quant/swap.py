@@ -27,6 +27,11 @@ QUANT_METHOD = "dsv2"
 # (transformers only warns about an unknown quant_method and initialises the missing weights randomly)
 QUANT_MODEL_TYPE = "deepseek_v2_dsv2_quantized"
 FORMAT_VERSION = 1
+# int4 codes: `kernels.pack_int4`'s layout, the same on every machine. Folders written before it was named
+# say "aten_cpu_int4pack": aten's packing on the machine that wrote them, which is this layout wherever
+# PyTorch ran its AVX512 kernels (every folder measured in BENCHMARKS.md); on an AVX2-only machine it was not.
+INT4_PACKING = "dsv2_blocks64"
+_INT4_PACKINGS = (INT4_PACKING, "aten_cpu_int4pack")
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class QuantConfig:
         d: dict[str, Any] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "weights": self.weights,
                              "skip_modules": list(self.skip)}
         if self.weights == "int4":
-            d.update(group_size=self.group_size, int4_packing="aten_cpu_int4pack")
+            d.update(group_size=self.group_size, int4_packing=INT4_PACKING)
         return d
 
     @classmethod
@@ -58,6 +63,8 @@ class QuantConfig:
             raise QuantError(f"{where}: format_version={d.get('format_version')!r}, this dsv2 reads {FORMAT_VERSION}")
         if d.get("weights") not in WEIGHT_FORMATS:
             raise QuantError(f"{where}: weights={d.get('weights')!r}, expected one of {WEIGHT_FORMATS}")
+        if d["weights"] == "int4" and d.get("int4_packing", INT4_PACKING) not in _INT4_PACKINGS:
+            raise QuantError(f"{where}: int4_packing={d.get('int4_packing')!r}, this dsv2 reads {INT4_PACKING!r}")
         return cls(d["weights"], int(d.get("group_size", 128)), tuple(d.get("skip_modules", SKIP)))
 
 
