@@ -359,3 +359,37 @@ def test_policy_linear_one_bf16_row(kernels: str) -> None:
     ref = x.double() @ w.double().T + b.double()
     assert y.dtype == torch.bfloat16 and y.shape == (1, 1, 70)
     assert (y.double() - ref).abs().max() <= 8e-3 * ref.abs().max()
+
+
+def test_c_latent_decode_bf16_matches_float64(kernels: str) -> None:
+    """dsv2_latent_decode_bf16 (absorbed MLA decode attention in fp32 over bf16 rows, for CPUs without native
+    bf16 GEMMs): heads not a multiple of its 8-head groups, a row width not a multiple of the vector width,
+    runs of rows that cross its 16-row tiles, one and two threads (the rows split, partial softmaxes merged);
+    and `latent_decode` takes it for upcast bf16 rows."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    from dsv2.engine.attention import latent_decode
+
+    lib = native.library()
+    h, c, r = 5, 24, 13
+    w = c + r
+    pool = (torch.randn(400, w, generator=GEN) * 2).bfloat16()  # (slots,W): scores of a few units, peaked
+    q = torch.randn(h, w, generator=GEN)
+    scale = w ** -0.5
+    threads = torch.get_num_threads()
+    try:
+        for runs in ([(7, 1)], [(0, 37), (100, 64), (250, 130)], [(3, 300)]):
+            chunks = [pool[s: s + n] for s, n in runs]
+            rows = torch.cat(chunks).double()  # (S,W)
+            p = torch.softmax(q.double() @ rows.T * scale, dim=-1)
+            ref = p @ rows[:, :c]  # (H,C)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                y = native.latent_decode_bf16(lib, q, chunks, c, scale)
+                assert y.shape == (h, c) and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (runs, t)
+            torch.testing.assert_close(latent_decode(q, chunks, c, scale, upcast=True).double(), ref,
+                                       rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="expected bf16"):
+        native.latent_decode_bf16(lib, q, [pool[:10].float()], c, scale)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv2.engine.cache import PagedCache
+from dsv2.quant import native
 
 DECODE_IMPLS = ("auto", "fast", "gathered")
 
@@ -174,8 +175,12 @@ def latent_decode(q: torch.Tensor, chunks: Iterable[torch.Tensor], c: int, scale
     """
     # scores as (rows @ qᵀ)ᵀ: MKL runs the tall (n, C+R) x (C+R, H) product well; q @ rowsᵀ with only
     # H = 16 rows in q falls on its slower small-M path
-    prep = _upcaster(upcast, scratch)
     chunks = list(chunks)
+    if upcast and chunks and q.device.type == "cpu" and all(k.dtype == torch.bfloat16 for k in chunks):
+        lib = native.library()  # fp32 over bf16 rows in C: each row widened once, used by every head for both
+        if lib is not None:  # products (2-4x upcasting into scratch + two GEMMs, AVX2)
+            return native.latent_decode_bf16(lib, q, chunks, c, scale)
+    prep = _upcaster(upcast, scratch)
     if len(chunks) == 1:  # one fused softmax: no online-softmax passes (~5% of a 32K step)
         k = prep(chunks[0])
         p = (k @ q.to(k.dtype).T).T.float().mul_(scale).softmax(dim=-1)  # (H,S)

@@ -19,6 +19,8 @@
  * Scales are fp32 or bf16 (flag *_bf16), activations fp32 or bf16 (per kernel), results fp32 (GEMV) or fp32 /
  * bf16 (dequant).
  */
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -725,3 +727,156 @@ void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz
 #endif
 }
 
+
+/* ---- MLA decode attention over bf16 latent rows, in fp32 (CPUs without native bf16 GEMMs) ---------------- */
+
+/* e^x for x <= 0 (softmax terms s - max), Cephes' polynomial: ~2 ulp; branch-free, so loops of it vectorise */
+static inline float lat_exp(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return p * s;
+}
+
+#define LAT_TILE 16 /* rows widened to fp32 at a time (36 KiB at W = 576) */
+#define LAT_HG 4    /* heads per register group: 4 heads x 2 rows (scores) or 2 vectors (output) in 8 registers */
+
+/* One thread's rows [a, b) of the chunks: running max m (Hp,), sum l (Hp,) and unnormalised output o (Hp, Cp).
+ * rf: LAT_TILE widened rows of Wr floats (Wr >= W and >= Cp, zero-padded), sp: scores / weights (Hp, LAT_TILE). */
+static void lat_part(const float *qp, int64_t Hp, int64_t W, int64_t Wr, int64_t Cp, const uint16_t *const *chunks,
+                     const int64_t *lens, int64_t ld, int64_t a, int64_t b, float *m, float *l, float *o,
+                     float *rf, float *sp) {
+    for (int64_t h = 0; h < Hp; h++) m[h] = -INFINITY, l[h] = 0.f;
+    memset(o, 0, (size_t)(Hp * Cp) * sizeof(float));
+    memset(rf, 0, (size_t)(LAT_TILE * Wr) * sizeof(float));
+    int64_t ci = 0, base = 0; /* the chunk holding row a */
+    while (base + lens[ci] <= a) base += lens[ci++];
+    for (int64_t g = a; g < b;) {
+        int64_t n = 0;
+        for (; n < LAT_TILE && g < b; n++, g++) { /* widen the tile's rows; a tile may span chunks */
+            while (g - base >= lens[ci]) base += lens[ci++];
+            const uint16_t *row = chunks[ci] + (g - base) * ld;
+            float *dst = rf + n * Wr;
+#pragma omp simd
+            for (int64_t k = 0; k < W; k++) dst[k] = bf2f(row[k]);
+        }
+        for (int64_t hg = 0; hg < Hp; hg += LAT_HG) /* scores (q pre-scaled), two rows at a time */
+            for (int64_t i = 0; i < n; i += 2) {
+                const float *r0 = rf + i * Wr, *r1 = i + 1 < n ? r0 + Wr : r0;
+                vf acc[LAT_HG][2];
+                for (int j = 0; j < LAT_HG; j++) acc[j][0] = acc[j][1] = vzero();
+                for (int64_t k = 0; k < Wr; k += VW) {
+                    const vf x0 = vload(r0 + k), x1 = vload(r1 + k);
+                    for (int j = 0; j < LAT_HG; j++) {
+                        const vf qv = vload(qp + (hg + j) * Wr + k);
+                        acc[j][0] = vfma(qv, x0, acc[j][0]);
+                        acc[j][1] = vfma(qv, x1, acc[j][1]);
+                    }
+                }
+                for (int j = 0; j < LAT_HG; j++) {
+                    sp[(hg + j) * LAT_TILE + i] = vsum(acc[j][0]);
+                    if (i + 1 < n) sp[(hg + j) * LAT_TILE + i + 1] = vsum(acc[j][1]);
+                }
+            }
+        for (int64_t h = 0; h < Hp; h++) { /* online softmax */
+            float *s = sp + h * LAT_TILE, mx = m[h];
+            for (int64_t i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+            if (mx > m[h]) {
+                const float alpha = m[h] == -INFINITY ? 0.f : lat_exp(m[h] - mx);
+                float *oh = o + h * Cp;
+#pragma omp simd
+                for (int64_t c = 0; c < Cp; c++) oh[c] *= alpha;
+                l[h] *= alpha, m[h] = mx;
+            }
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = 0; i < n; i++) {
+                s[i] = lat_exp(s[i] - mx);
+                sum += s[i];
+            }
+            l[h] += sum;
+        }
+        for (int64_t hg = 0; hg < Hp; hg += LAT_HG) /* o += p @ rows[:, :C], two vectors of columns at a time */
+            for (int64_t c = 0; c < Cp; c += 2 * VW) {
+                vf acc[LAT_HG][2];
+                for (int j = 0; j < LAT_HG; j++)
+                    acc[j][0] = vload(o + (hg + j) * Cp + c), acc[j][1] = vload(o + (hg + j) * Cp + c + VW);
+                for (int64_t i = 0; i < n; i++) {
+                    const vf x0 = vload(rf + i * Wr + c), x1 = vload(rf + i * Wr + c + VW);
+                    for (int j = 0; j < LAT_HG; j++) {
+                        const vf p = vset1(sp[(hg + j) * LAT_TILE + i]);
+                        acc[j][0] = vfma(p, x0, acc[j][0]);
+                        acc[j][1] = vfma(p, x1, acc[j][1]);
+                    }
+                }
+                for (int j = 0; j < LAT_HG; j++)
+                    vstore(o + (hg + j) * Cp + c, acc[j][0]), vstore(o + (hg + j) * Cp + c + VW, acc[j][1]);
+            }
+    }
+}
+
+/* Absorbed MLA attention of one decoding sequence over its bf16 latent rows, all in fp32:
+ *   out (H, C) = softmax(scale * q rows^T) rows[:, :C],   q (H, W) fp32, rows (S, W) bf16,
+ * the rows given as nchunks runs (chunks[i]: lens[i] rows, ld elements apart, the same ld for all). Each row is
+ * widened once, LAT_TILE at a time, and used by every head for both products (where PyTorch would upcast all
+ * rows into a buffer and run two GEMMs). The rows are split between threads, whose partial softmaxes are merged
+ * at the end. */
+void dsv2_latent_decode_bf16(const float *q, int64_t H, int64_t W, int64_t C, const uint16_t *const *chunks,
+                             const int64_t *lens, int64_t nchunks, int64_t ld, float scale, float *out,
+                             int nthreads) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < nchunks; i++) total += lens[i];
+    const int64_t Hp = (H + LAT_HG - 1) / LAT_HG * LAT_HG, Cp = (C + 2 * VW - 1) / (2 * VW) * (2 * VW);
+    const int64_t Wp = (W + VW - 1) / VW * VW > Cp ? (W + VW - 1) / VW * VW : Cp; /* widened row stride */
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > total / 64) nt = total / 64 > 0 ? (int)(total / 64) : 1; /* at least 64 rows a thread */
+    float *qp = (float *)calloc((size_t)(Hp * Wp), sizeof(float));
+    float *part = (float *)malloc((size_t)(nt * (2 * Hp + Hp * Cp)) * sizeof(float));
+    if (!qp || !part || total == 0) {
+        for (int64_t i = 0; i < H * C; i++) out[i] = total == 0 ? 0.f : __builtin_nanf("");
+        free(qp), free(part);
+        return;
+    }
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t k = 0; k < W; k++) qp[h * Wp + k] = q[h * W + k] * scale;
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num();
+        float *m = part + t * (2 * Hp + Hp * Cp), *l = m + Hp, *o = l + Hp;
+        float *rf = (float *)malloc((size_t)(LAT_TILE * Wp + Hp * LAT_TILE) * sizeof(float));
+        if (rf) {
+            lat_part(qp, Hp, W, Wp, Cp, chunks, lens, ld, total * t / nt, total * (t + 1) / nt, m, l, o, rf,
+                     rf + LAT_TILE * Wp);
+            free(rf);
+        } else {
+            for (int64_t h = 0; h < Hp; h++) m[h] = __builtin_nanf(""), l[h] = 1.f;
+        }
+    }
+    for (int64_t h = 0; h < H; h++) { /* merge the threads' partial softmaxes */
+        float mx = -INFINITY, sum = 0.f;
+        for (int t = 0; t < nt; t++) {
+            const float mt = part[t * (2 * Hp + Hp * Cp) + h];
+            mx = mt > mx || mt != mt ? mt : mx;
+        }
+        float *oh = out + h * C;
+        for (int64_t c = 0; c < C; c++) oh[c] = 0.f;
+        for (int t = 0; t < nt; t++) {
+            const float *m = part + t * (2 * Hp + Hp * Cp), *ot = m + 2 * Hp + h * Cp;
+            const float w = m[h] == -INFINITY ? 0.f : expf(m[h] - mx);
+            sum += w * m[Hp + h];
+            for (int64_t c = 0; c < C; c++) oh[c] += w * ot[c];
+        }
+        for (int64_t c = 0; c < C; c++) oh[c] /= sum;
+    }
+    free(qp), free(part);
+}

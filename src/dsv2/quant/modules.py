@@ -11,6 +11,9 @@ token reads the active parameters, not all of them.
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -171,6 +174,16 @@ class QuantExperts(_Quantised):
         self.n_experts, self.dim, self.hidden = n_experts, dim, hidden
         self._empty("gate_up_", (n_experts,), 2 * hidden, dim, device)
         self._empty("down_", (n_experts,), dim, hidden, device)
+        self._register()
+
+    def _register(self) -> None:
+        """A handle of its own, by which a compiled graph's dsv2::quant_experts op finds this module."""
+        self._handle = next(_HANDLE_IDS)
+        _BY_HANDLE[self._handle] = self
+
+    def __setstate__(self, state: dict) -> None:  # deepcopy / unpickle: a new module, a new handle
+        super().__setstate__(state)
+        self._register()
 
     @classmethod
     def from_experts(cls, experts: nn.Module, weights: str, group_size: int = 128,
@@ -193,6 +206,8 @@ class QuantExperts(_Quantised):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # routing reads the picks on the host: one opaque op in a graph
+            return quant_experts_op(x, idx, weight, keep, self._handle)
         n, k = idx.shape
         if n == 1 and keep is None:  # one-token decode: no sort / gather / scatter, just the K experts
             return self._one_token(x, idx[0].tolist(), weight[0])
@@ -236,3 +251,26 @@ class QuantExperts(_Quantised):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.weights == "int4" else ""
         return f"experts={self.n_experts}, dim={self.dim}, hidden={self.hidden}, {self.weights}{g}, {self.dtype}"
+
+
+# ---- under torch.compile ----------------------------------------------------------------------------
+# QuantExperts.forward as an opaque custom op (dsv2::quant_experts): its routing turns the picks into Python
+# lists (which experts to read, how many rows each), which a graph cannot trace. The op names its module
+# by a handle, so the graph calls back into the eager forward, kernels and byte counting included.
+_HANDLE_IDS = itertools.count()
+_BY_HANDLE: weakref.WeakValueDictionary[int, QuantExperts] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("dsv2::quant_experts", mutates_args=())
+def quant_experts_op(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None,
+                     handle: int) -> torch.Tensor:
+    module = _BY_HANDLE.get(handle)
+    if module is None:
+        raise QuantError(f"dsv2::quant_experts: the QuantExperts module of handle {handle} no longer exists")
+    return module.forward(x, idx, weight, keep).contiguous()
+
+
+@quant_experts_op.register_fake
+def _(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None,
+      handle: int) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "dsv2_bf16_bgemv": [_p, _int, _i64, _p, _i64, _i64, _p, _i64, _i64, _i64, _i64, _i64, _int],
     "dsv2_int8_gemv_bf16": [_p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _int],
     "dsv2_int4_gemv": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
+    "dsv2_latent_decode_bf16": [_p, _i64, _i64, _i64, _p, _p, _i64, _i64, ctypes.c_float, _p, _int],
 }
 
 
@@ -66,7 +67,8 @@ def _build(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *_flags(), str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *_flags(), str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True,
+                       timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -225,3 +227,25 @@ def int4_gemv(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch
     lib.dsv2_int4_gemv(_ptr(x), _ptr(packed), _ptr(sz), _ptr(xs), _ptr(y), m, np_, kp, group_size,
                        torch.get_num_threads())
     return y
+
+
+def latent_decode_bf16(lib: ctypes.CDLL, q: torch.Tensor, chunks: list[torch.Tensor], c: int,
+                       scale: float) -> torch.Tensor:
+    """Absorbed MLA attention of one sequence in fp32 over bf16 latent rows: q (H,W) -> (H,C) fp32 =
+    softmax(scale · q rowsᵀ) rows[:, :C], the rows given as chunks (n,W) of one pool (unit column stride, one
+    row stride for all)."""
+    if not chunks:
+        raise ValueError("latent_decode_bf16 needs at least one chunk of rows")
+    q = q.float().contiguous()
+    h, w = q.shape
+    ld = chunks[0].stride(0)
+    for k in chunks:
+        if k.dtype != torch.bfloat16 or k.dim() != 2 or k.shape[1] != w or k.stride(1) != 1 or k.stride(0) != ld:
+            raise ValueError(f"latent_decode_bf16: a chunk of {k.dtype} {tuple(k.shape)}, strides {k.stride()}; "
+                             f"expected bf16 (n, {w}) rows {ld} elements apart")
+    ptrs = (ctypes.c_void_p * len(chunks))(*(k.data_ptr() for k in chunks))
+    lens = (ctypes.c_int64 * len(chunks))(*(k.shape[0] for k in chunks))
+    out = torch.empty(h, c, dtype=torch.float32)
+    lib.dsv2_latent_decode_bf16(_ptr(q), h, w, c, ptrs, lens, len(chunks), ld, scale, _ptr(out),
+                                torch.get_num_threads())
+    return out
