@@ -554,6 +554,9 @@ static inline __attribute__((always_inline)) void int4_block_fast(const uint16_t
            far for the hardware prefetcher, so each would start a miss */
         for (int q = 0; q < 4; q++) __builtin_prefetch(sz + (grp * Np + row0 + 64 + 16 * q) * 2, 0, 0);
         for (int64_t k = grp * g; k < grp * g + g; k += 2, p += 64) {
+            if (MC >= 3) /* the next block's line, so that DRAM stays busy while this one computes (a pass of 1-2 rows
+                            is fast enough for the hardware prefetcher alone) */
+                __builtin_prefetch(p + 32 * Kp, 0, 0);
             const __m512i src = _mm512_loadu_si512(p);
             const __m512i a = _mm512_maskz_permutexvar_epi8(even_bytes, ia, src);
             const __m512i b = _mm512_maskz_permutexvar_epi8(even_bytes, ib, src);
@@ -619,6 +622,7 @@ static void int4_block_avx2_1(const float *x, const float *xs, const uint8_t *bp
         for (int i = 0; i < 8; i += 2) __builtin_prefetch(sz + (grp * Np + row0 + 64 + 8 * i) * 2, 0, 0);
         const uint8_t *p = bp + grp * g * 32;
         for (int64_t k = grp * g; k < grp * g + g; k++, p += 32) {
+            if ((k & 1) == 0) __builtin_prefetch(p + 32 * Kp, 0, 0); /* the next block, one line per 2 columns */
             const __m256 xv = _mm256_broadcast_ss(x + k);
             for (int i = 0; i < 4; i++) { /* bytes 8i..8i+7: rows 8i.. (low nibbles), 32 + 8i.. (high) */
                 const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * i)));
@@ -645,6 +649,8 @@ static inline __attribute__((always_inline)) void int4_block_avx2_q(const float 
             for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
             const uint8_t *p = bp + grp * g * 32 + off;
             for (int64_t k = grp * g; k < grp * g + g; k++, p += 32) {
+                if ((k & 7) == 0) /* a quarter of the next block's lines per quarter pass: DRAM stays busy */
+                    __builtin_prefetch(bp + 32 * Kp + (quarter * (Kp / 8) + k / 8) * 64, 0, 0);
                 const __m256 w0 = int4_codes8(p, high), w1 = int4_codes8(p + 8, high);
                 for (int m = 0; m < MC; m++) {
                     const __m256 xv = _mm256_broadcast_ss(x + m * Kp + k);
