@@ -16,7 +16,8 @@ One step may mix sequences being prefilled (T >= 1 new prompt tokens) with decod
     block of decompressed keys ever exists, whatever the prompt's length.
 Every query attends to rows as the cache stores them (its own included), so quantised formats are
 seen consistently by prefill and decode. On a CPU without native bf16 GEMMs the decode attention runs
-in fp32 over upcast chunks of rows (a reused scratch buffer), as fast as converting permits.
+in fp32: over bf16 rows in dsv2's C kernel (`native.latent_decode_bf16`), otherwise over upcast chunks of
+rows (a reused scratch buffer).
 """
 
 from __future__ import annotations

@@ -586,6 +586,16 @@ static inline __attribute__((always_inline)) void int4_block_fast(const uint16_t
         }
     }
 }
+typedef uint16_t int4_xt; /* the activations the AVX512 path reads: bf16 as given */
+static inline void int4_tile(const uint16_t *x, const float *xs, const uint8_t *bp, const uint16_t *sz, float *y,
+                             int mc, int64_t Np, int64_t Kp, int64_t g, int64_t row0) {
+    switch (mc) {
+        case 1: int4_block_fast(x, xs, bp, sz, y, 1, Np, Kp, g, row0); break;
+        case 2: int4_block_fast(x, xs, bp, sz, y, 2, Np, Kp, g, row0); break;
+        case 3: int4_block_fast(x, xs, bp, sz, y, 3, Np, Kp, g, row0); break;
+        default: int4_block_fast(x, xs, bp, sz, y, 4, Np, Kp, g, row0); break;
+    }
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define INT4_GEMV_FAST 2
 /* AVX2: the activations widened to fp32 once (xf), 8 codes at a time zero-extended to dwords, masked or
@@ -663,6 +673,16 @@ static inline __attribute__((always_inline)) void int4_block_avx2_q(const float 
         }
     }
 }
+typedef float int4_xt; /* the activations the AVX2 path reads: widened to fp32 once */
+static inline void int4_tile(const float *x, const float *xs, const uint8_t *bp, const uint16_t *sz, float *y, int mc,
+                             int64_t Np, int64_t Kp, int64_t g, int64_t row0) {
+    switch (mc) {
+        case 1: int4_block_avx2_1(x, xs, bp, sz, y, Np, Kp, g, row0); break;
+        case 2: int4_block_avx2_q(x, xs, bp, sz, y, 2, Np, Kp, g, row0); break;
+        case 3: int4_block_avx2_q(x, xs, bp, sz, y, 3, Np, Kp, g, row0); break;
+        default: int4_block_avx2_q(x, xs, bp, sz, y, 4, Np, Kp, g, row0); break;
+    }
+}
 #else
 #define INT4_GEMV_FAST 0
 #endif
@@ -687,41 +707,20 @@ void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz
         return;
     }
     for (int64_t i = 0; i < M * Kp; i++) xf[i] = bf2f(x[i]);
+    const int4_xt *xv = xf;
+#elif INT4_GEMV_FAST
+    const int4_xt *xv = x;
 #endif
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < nb; b++) {
-#if INT4_GEMV_FAST == 2
+#if INT4_GEMV_FAST
         if (b < Np / 64) {
             const uint8_t *bp = packed + b * 32 * Kp;
             for (int64_t m0 = 0; m0 < M; m0 += 4) { /* the block stays in L2 across row tiles */
                 float *yb = y + m0 * Np + b * 64;
                 const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
                 for (int m = 0; m < mc; m++) memset(yb + m * Np, 0, 64 * sizeof(float));
-                const float *xm = xf + m0 * Kp, *xsm = xs + m0 * ng;
-                switch (mc) {
-                    case 1: int4_block_avx2_1(xm, xsm, bp, sz, y + m0 * Np, Np, Kp, g, b * 64); break;
-                    case 2: int4_block_avx2_q(xm, xsm, bp, sz, y + m0 * Np, 2, Np, Kp, g, b * 64); break;
-                    case 3: int4_block_avx2_q(xm, xsm, bp, sz, y + m0 * Np, 3, Np, Kp, g, b * 64); break;
-                    default: int4_block_avx2_q(xm, xsm, bp, sz, y + m0 * Np, 4, Np, Kp, g, b * 64); break;
-                }
-            }
-            continue;
-        }
-#elif INT4_GEMV_FAST
-        if (b < Np / 64) {
-            const uint8_t *bp = packed + b * 32 * Kp;
-            for (int64_t m0 = 0; m0 < M; m0 += 4) { /* the block stays in L2 across row tiles */
-                float *yb = y + m0 * Np + b * 64;
-                const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
-                for (int m = 0; m < mc; m++) memset(yb + m * Np, 0, 64 * sizeof(float));
-                const uint16_t *xm = x + m0 * Kp;
-                const float *xsm = xs + m0 * ng;
-                switch (mc) {
-                    case 1: int4_block_fast(xm, xsm, bp, sz, y + m0 * Np, 1, Np, Kp, g, b * 64); break;
-                    case 2: int4_block_fast(xm, xsm, bp, sz, y + m0 * Np, 2, Np, Kp, g, b * 64); break;
-                    case 3: int4_block_fast(xm, xsm, bp, sz, y + m0 * Np, 3, Np, Kp, g, b * 64); break;
-                    default: int4_block_fast(xm, xsm, bp, sz, y + m0 * Np, 4, Np, Kp, g, b * 64); break;
-                }
+                int4_tile(xv + m0 * Kp, xs + m0 * ng, bp, sz, y + m0 * Np, mc, Np, Kp, g, b * 64);
             }
             continue;
         }
