@@ -44,6 +44,7 @@ from decode import lite_shape, synthetic_rows
 from dsv2.engine import Engine, SamplingParams
 from dsv2.engine.runner import SeqWork
 from dsv2.model import DeepseekV2
+from dsv2.precision import native_low_precision
 from dsv2.quant import quantize_model
 from dsv2.threads import pick_threads
 
@@ -158,6 +159,8 @@ def run_table(args: argparse.Namespace) -> None:
     steps = args.steps or (3 if args.quick else 5)
     probes = Probes()
     m = probes.best
+    # the GEMM rate prompts run at: bf16 where it is native, else fp32 (dsv2's CPU policy upcasts on AVX2)
+    gemm = "gemm_bf16" if native_low_precision(torch.device("cpu"), torch.bfloat16) else "gemm_fp32"
     print(f"machine: {machine()}")
     print(f"at start: read bandwidth {m['bw'] / 1e9:.1f} GB/s, GEMM bf16 {m['gemm_bf16'] / 1e9:.0f} GFLOP/s, "
           f"fp32 {m['gemm_fp32'] / 1e9:.0f} GFLOP/s (re-timed beside every row; rooflines use the best seen)",
@@ -218,7 +221,7 @@ def run_table(args: argparse.Namespace) -> None:
         probes.update(t)
         for fmt in engines:
             fl = prefill_flops(models[fmt], n)
-            roof = (lambda fl=fl, tt=t[fmt]: fl / m["gemm_bf16"] / tt)
+            roof = (lambda fl=fl, tt=t[fmt]: fl / m[gemm] / tt)
             issue = ""
             if fmt == "bf16" and n in ISSUE_PREFILL_TPS:
                 lc, old = ISSUE_PREFILL_TPS[n]
@@ -239,7 +242,7 @@ def run_table(args: argparse.Namespace) -> None:
             dec, pre, tot = res[fmt]
             # a decode step of n sequences: read the weights once (+ the cache), n tokens of matmuls
             nb, fl = wb[fmt] + n * 64 * kv_bpt, 2 * linear_params(models[fmt]) * n
-            roof = (lambda nb=nb, fl=fl, dec=dec, n=n: dec * max(nb / m["bw"], fl / m["gemm_bf16"]) / n)
+            roof = (lambda nb=nb, fl=fl, dec=dec, n=n: dec * max(nb / m["bw"], fl / m[gemm]) / n)
             issue = ""
             if fmt == "bf16" and n in ISSUE_PARALLEL:
                 (ld, od), (lp, op), (lt, ot) = ISSUE_PARALLEL[n]
@@ -261,8 +264,8 @@ def run_table(args: argparse.Namespace) -> None:
     for r in rows:
         print(line(*r))
     print("roofline: decode = (weights but embedding + S x KV bytes/token) / read bandwidth / time; prefill = "
-          "matmul FLOPs / bf16 GEMM rate / time; parallel = max(bytes/BW, FLOPs/GEMM) per step / time per step. "
-          "int8/int4 FLOPs are counted at the bf16 rate.")
+          f"matmul FLOPs / {gemm[5:]} GEMM rate / time; parallel = max(bytes/BW, FLOPs/GEMM) per step / time per "
+          f"step. int8/int4 FLOPs are counted at the {gemm[5:]} rate ({gemm[5:]}: the GEMMs' dtype on this CPU).")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
