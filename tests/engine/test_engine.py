@@ -253,13 +253,19 @@ def test_stop_tokens_and_stream(mla_model, mla_refs) -> None:
     assert not any(e.finished for e in events[:-1])
 
 
+@pytest.mark.parametrize("policy", ["this CPU", "bf16 emulated"])
 @pytest.mark.parametrize("attn", ["mla", "mha"])
-def test_bf16_decode_close_to_the_plain_forward(attn: str) -> None:
-    """bf16 weights and cache (the CPU upcast-into-scratch / native-GEMV path where bf16 GEMM is not
-    native; MLA also through the gathered batch) vs the plain bf16 forward's logits."""
+def test_bf16_decode_close_to_the_plain_forward(attn: str, policy: str, monkeypatch) -> None:
+    """bf16 weights and cache vs the plain bf16 forward's logits, under this CPU's policy and under the one
+    for CPUs without native bf16 GEMMs (AVX2: fp32 decode attention, in C over the bf16 rows for MLA, or
+    upcast into scratch; few-row GEMVs on the bf16 weights, packed fp32 copies for prompts); MLA also
+    through the gathered batch."""
+    from dsv2 import precision
     from dsv2.engine.runner import SeqWork
 
-    model = tiny_model(attn).to(torch.bfloat16)
+    if policy == "bf16 emulated":
+        monkeypatch.setitem(precision._NATIVE, torch.bfloat16, False)
+    model = precision.prepare(tiny_model(attn).to(torch.bfloat16))
     impls = ("fast", "gathered") if attn == "mla" else ("fast",)
     for impl in impls:
         eng = Engine(model, kv_cache_dtype="bf16", max_tokens=256, block_size=4, decode_impl=impl, decode_chunk=16)
