@@ -20,7 +20,6 @@
  * bf16 (dequant).
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -854,9 +853,9 @@ void dsv2_latent_decode_bf16(const float *q, int64_t H, int64_t W, int64_t C, co
     }
     for (int64_t h = 0; h < H; h++)
         for (int64_t k = 0; k < W; k++) qp[h * Wp + k] = q[h * W + k] * scale;
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num();
+#pragma omp parallel for num_threads(nt) schedule(static) /* one part a thread (a loop: fewer threads than asked
+                                                                still cover every part) */
+    for (int t = 0; t < nt; t++) {
         float *m = part + t * (2 * Hp + Hp * Cp), *l = m + Hp, *o = l + Hp;
         float *rf = (float *)malloc((size_t)(LAT_TILE * Wp + Hp * LAT_TILE) * sizeof(float));
         if (rf) {
@@ -871,7 +870,7 @@ void dsv2_latent_decode_bf16(const float *q, int64_t H, int64_t W, int64_t C, co
         float mx = -INFINITY, sum = 0.f;
         for (int t = 0; t < nt; t++) {
             const float mt = part[t * (2 * Hp + Hp * Cp) + h];
-            mx = mt > mx || mt != mt ? mt : mx;
+            mx = mt > mx || mt != mt ? mt : mx; /* a NaN (a part that could not run) makes the result NaN */
         }
         float *oh = out + h * C;
         for (int64_t c = 0; c < C; c++) oh[c] = 0.f;
