@@ -88,10 +88,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     reads it at a fraction of that (one row: 4.3 vs ~20 GB/s on one Zen 4 core, no AMX). Same result up to
     the order of the fp32 sums; F.linear wherever the C library is missing or off."""
     lib = _gemv_library(x, w, _rows(x), max_rows)
-    if lib is not None:
-        y = native.bf16_gemv(lib, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
-        return (y if b is None else y + b.float()).to(x.dtype)
-    return F.linear(x, w, b)
+    return F.linear(x, w, b) if lib is None else _gemv(lib, x, w, b)
+
+
+def _gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ wᵀ (+ b) by dsv2's C GEMV, in x's dtype and shape."""
+    y = native.bf16_gemv(lib, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+    return (y if b is None else y + b.float()).to(x.dtype)
 
 
 def bmm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -132,9 +135,12 @@ class CpuLinear(nn.Linear):
         if out is None and native_low_precision(w.device, w.dtype):
             return linear(x, w, b)
         inference = not torch.is_grad_enabled()
-        if inference and x.dtype == w.dtype and (
-                x.numel() == x.shape[-1] or _gemv_library(x, w, _rows(x), UPCAST_GEMV_ROWS) is not None):
-            return linear(x, w, b, UPCAST_GEMV_ROWS)  # one row, or a few through the C GEMV: as stored
+        if inference and x.dtype == w.dtype:  # a few rows through the C GEMV, or one row: as stored
+            lib = _gemv_library(x, w, _rows(x), UPCAST_GEMV_ROWS)
+            if lib is not None:
+                return _gemv(lib, x, w, b)
+            if x.numel() == x.shape[-1]:
+                return F.linear(x, w, b)
         autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         if (inference and not autocast and x.dtype == w.dtype and _onednn_packing()
                 and not torch.compiler.is_compiling()):  # inductor cannot take an opaque packed weight

@@ -198,7 +198,7 @@ print("aten layout", aten_int4_layout(), "C kernels", native.library() is not No
 
 
 @pytest.mark.parametrize("cap", ["avx2", "default"])
-def test_int4_is_right_where_aten_packs_another_layout(kernels: str, cap: str, tmp_path) -> None:
+def test_int4_is_right_where_aten_packs_another_layout(kernels: str, cap: str) -> None:
     """aten's int4 packing follows the CPU PyTorch runs on (AVX2 and the portable build pack 32-row blocks), so
     dsv2 packs its own layout and keeps int4 products away from aten's kernel where the two differ: under
     ATEN_CPU_CAPABILITY=avx2 / default, int4 linears (C kernels, or PyTorch alone) match the dequantised

@@ -290,24 +290,22 @@ void dsv2_bf16_bgemv(const void *x, int x_bf16, int64_t ldxb, const uint16_t *w,
         return;
     }
 #endif
-    if (!x_bf16) {
-        if (M == 1 && K <= ROW_STREAM_K)
-            bf16f_row_gemv_batched((const float *)x, ldxb, w, ldwb, ldw, y, ldyb, B, N, K, nthreads);
-        else
-            bf16w_gemv_batched((const float *)x, ldxb, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
-        return;
+    const float *xw = (const float *)x; /* fp32 x as given, bf16 x widened into xf */
+    float *xf = NULL;
+    if (x_bf16) {
+        xf = (float *)malloc((size_t)(B * M * K) * sizeof(float));
+        if (!xf) { /* cannot happen for a GEMV's few rows; leave y as NaN rather than crash */
+            for (int64_t i = 0; i < B * M * N; i++) y[i] = __builtin_nanf("");
+            return;
+        }
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < M * K; i++) xf[b * M * K + i] = bf2f(((const uint16_t *)x)[b * ldxb + i]);
+        xw = xf, ldxb = M * K;
     }
-    float *xf = (float *)malloc((size_t)(B * M * K) * sizeof(float));
-    if (!xf) { /* cannot happen for a GEMV's few rows; leave y as NaN rather than crash */
-        for (int64_t i = 0; i < B * M * N; i++) y[i] = __builtin_nanf("");
-        return;
-    }
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < M * K; i++) xf[b * M * K + i] = bf2f(((const uint16_t *)x)[b * ldxb + i]);
     if (M == 1 && K <= ROW_STREAM_K)
-        bf16f_row_gemv_batched(xf, K, w, ldwb, ldw, y, ldyb, B, N, K, nthreads);
+        bf16f_row_gemv_batched(xw, ldxb, w, ldwb, ldw, y, ldyb, B, N, K, nthreads);
     else
-        bf16w_gemv_batched(xf, M * K, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
+        bf16w_gemv_batched(xw, ldxb, w, ldwb, ldw, NULL, 0, y, ldyb, B, M, N, K, nthreads);
     free(xf);
 }
 

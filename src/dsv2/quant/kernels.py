@@ -254,13 +254,13 @@ class Int4Weight:
         kp = self.packed.shape[1] * 2
         gemv = (lib is not None and x.shape[0] <= INT4_GEMV_ROWS and x.dtype == self.scales_and_zeros.dtype
                 == torch.bfloat16 and native.fast_int4_gemv(lib))
-        if lib is not None and not gemv and x.shape[0] > INT4_DEQUANT_ROWS:
-            return self._panels(lib, x)
-        if lib is None and (x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"] or not aten_int4_layout()):
-            dt = _gemm_dtype(x)
-            return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
-        if lib is not None and not gemv and not aten_int4_layout():  # aten would misread the bytes: panels
-            return self._panels(lib, x)
+        if not gemv:  # many rows, or aten's kernel would misread the bytes (another layout): dequantised weights
+            aten = aten_int4_layout()
+            if lib is not None and (x.shape[0] > INT4_DEQUANT_ROWS or not aten):
+                return self._panels(lib, x)
+            if lib is None and (x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"] or not aten):
+                dt = _gemm_dtype(x)
+                return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
         xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # (M,Kp): zero activations, padding vanishes
         if gemv:
             y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
