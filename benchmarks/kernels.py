@@ -8,7 +8,9 @@
 
 Each row times one product on the issue-13 model's shapes (the 102,400 x 2,048 lm_head unless noted),
 best of 4 rounds that alternate the two sides, and prints the ratio (old / new time, > 1: the new kernel
-is faster). Random weights; the kernels' results are checked against float64 in tests/quant.
+is faster). Random weights; the kernels' results are checked against float64 in tests/quant. Where bf16
+GEMMs are not native (AVX2), also: 2-16 bf16 rows through the C GEMV against CpuLinear's packed fp32 copy,
+and one sequence's MLA decode attention in C against upcasting its rows for two PyTorch GEMMs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dsv2 import precision
+from dsv2.engine import attention
+from dsv2.precision import CpuLinear, native_low_precision
 from dsv2.quant import kernels, native
 from dsv2.quant.kernels import Int4Weight, aten_int4_layout, quantize_int8, unpack_int4
 
@@ -103,6 +108,53 @@ def bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
     row("MLA W_UV, 16 heads x 128 x 512, 1 row", "torch.bmm", "dsv2", t)
 
 
+def emulated_bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
+    """Where bf16 GEMMs are not native (AVX2): few bf16 rows through the C GEMV against the fp32 GEMM on the
+    packed fp32 copy that `CpuLinear` keeps, and one sequence's decode attention in C against upcasting its
+    rows into scratch for two PyTorch GEMMs (`latent_decode` without the library)."""
+    if native_low_precision(torch.device("cpu"), torch.bfloat16):
+        return
+    for nk in ((n, k), (10_944, 2_048), (2_048, 10_944)):
+        lin = CpuLinear(nk[1], nk[0], bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(*nk, generator=g) * 0.05)
+        for m in (2, 4, 8, 16):
+            xm = torch.randn(m, nk[1], generator=g).bfloat16()
+            with torch.inference_mode():
+                t = best({"packed fp32": lambda xm=xm, lin=lin: packed(lin, xm),
+                          "dsv2": lambda xm=xm, lin=lin: native.bf16_gemv(lib, xm, lin.weight)})
+            row(f"bf16 {nk[0]} x {nk[1]}, {m} rows", "packed fp32", "dsv2", t)
+    h, c, w = 16, 512, 576
+    for s in (1024, 4096, 8192, 32768):
+        pool = torch.randn(s, w, generator=g).bfloat16()
+        chunk = max(256, (1 << 20) // w)  # the engine's upcast chunk
+        chunks = [pool[i:i + chunk] for i in range(0, s, chunk)]
+        q, scratch = torch.randn(h, w, generator=g), torch.empty(chunk, w)
+        t = best({"upcast + GEMMs": lambda q=q, ch=chunks, sc=scratch: latent_decode_upcast(q, ch, c, 0.04, sc),
+                  "dsv2": lambda q=q, pool=pool: native.latent_decode_bf16(lib, q, [pool], c, 0.04)}, calls=5)
+        row(f"MLA decode attention, {s} rows", "upcast + GEMMs", "dsv2", t)
+
+
+def packed(lin: CpuLinear, x: torch.Tensor) -> torch.Tensor:
+    """CpuLinear's GEMM on its packed fp32 copy (the C GEMV's row limit set to 0 for the call)."""
+    saved, precision.UPCAST_GEMV_ROWS = precision.UPCAST_GEMV_ROWS, 0
+    try:
+        return lin(x)
+    finally:
+        precision.UPCAST_GEMV_ROWS = saved
+
+
+def latent_decode_upcast(q: torch.Tensor, chunks: list[torch.Tensor], c: int, scale: float,
+                         scratch: torch.Tensor) -> torch.Tensor:
+    """`latent_decode`'s PyTorch path (the C library hidden from it)."""
+    lib = native._state.pop("lib", None)
+    native._state["lib"] = None
+    try:
+        return attention.latent_decode(q, chunks, c, scale, True, scratch)
+    finally:
+        native._state["lib"] = lib
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -117,7 +169,7 @@ def main() -> None:
     print(f"threads {args.threads}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
           f"dsv2 kernels: {isa}")
     print("| product | before | now | ratio |\n|---|---|---|---|")
-    for section in (int4_rows, int8_rows, bf16_rows):
+    for section in (int4_rows, int8_rows, bf16_rows, emulated_bf16_rows):
         section(lib, g, 102_400, 2_048)
 
 

@@ -179,7 +179,7 @@ def latent_decode(q: torch.Tensor, chunks: Iterable[torch.Tensor], c: int, scale
     chunks = list(chunks)
     if upcast and chunks and q.device.type == "cpu" and all(k.dtype == torch.bfloat16 for k in chunks):
         lib = native.library()  # fp32 over bf16 rows in C: each row widened once, used by every head for both
-        if lib is not None:  # products (1.4-1.6x upcasting into scratch + two GEMMs, AVX2)
+        if lib is not None:  # products (1.2-2.1x upcasting into scratch + two GEMMs, AVX2)
             return native.latent_decode_bf16(lib, q, chunks, c, scale)
     prep = _upcaster(upcast, scratch)
     if len(chunks) == 1:  # one fused softmax: no online-softmax passes (~5% of a 32K step)
