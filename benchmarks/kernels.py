@@ -10,7 +10,10 @@ Each row times one product on the issue-13 model's shapes (the 102,400 x 2,048 l
 best of 4 rounds that alternate the two sides, and prints the ratio (old / new time, > 1: the new kernel
 is faster). Random weights; the kernels' results are checked against float64 in tests/quant. Where bf16
 GEMMs are not native (AVX2), also: 2-16 bf16 rows through the C GEMV against CpuLinear's packed fp32 copy,
-and one sequence's MLA decode attention in C against upcasting its rows for two PyTorch GEMMs.
+and one sequence's MLA decode attention in C against upcasting its rows for two PyTorch GEMMs. The opt-in
+int8-activation GEMVs (integer dot products on activations rounded to int8) against the exact ones, and at
+their row limits against the rounded activations' exact path (panels + GEMM). `--only int8act` (or
+int4 / int8 / bf16 / emulated) runs one section.
 """
 
 from __future__ import annotations
@@ -135,6 +138,48 @@ def emulated_bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
         row(f"MLA decode attention, {s} rows", "upcast + GEMMs", "dsv2", t)
 
 
+def int8act_rows(lib, g: torch.Generator, n: int, k: int) -> None:
+    """The int8-activation GEMVs against the exact ones on the same weights (a different result: the rounded
+    activations'), and against the exact path of the rounded activations where the row limits lie."""
+    if not native.fast_q8(lib):
+        return
+    for nk in ((n, k), (10_944, 2_048), (2_048, 10_944)):
+        q, s = quantize_int8(torch.randn(*nk, generator=g) * 0.05)
+        s = s.bfloat16()
+        for m in (1, 4, 16, 32):
+            x = torch.randn(m, nk[1], generator=g).bfloat16()
+            t = best({"exact": lambda x=x, q=q, s=s: kernels.int8_mm(x, q, s),
+                      "int8 act": lambda x=x, q=q, s=s: native.int8_gemv_q8(lib, x, q, s)})
+            row(f"int8 {nk[0]} x {nk[1]}, {m} row(s)", "exact", "int8 act", t, q.nbytes if m == 1 else None)
+        for m in (32, 64):
+            x = torch.randn(m, nk[1], generator=g).bfloat16()
+            t = best({"rounded + exact": lambda x=x, q=q, s=s: kernels.int8_mm(kernels.round_activations_q8(x), q, s),
+                      "int8 act": lambda x=x, q=q, s=s: native.int8_gemv_q8(lib, x, q, s)}, rounds=2)
+            row(f"int8 {nk[0]} x {nk[1]}, {m} rows", "rounded + exact", "int8 act", t)
+    for gs in (32, 128):
+        for nk in ((n, k), (10_944, 2_048), (2_048, 10_944)):
+            w4 = Int4Weight.quantize(torch.randn(*nk, generator=g) * 0.05, gs, torch.bfloat16)
+            nb = w4.packed.nbytes + w4.scales_and_zeros.nbytes
+            for m in (1, 4, 16, 32):
+                x = torch.randn(m, nk[1], generator=g).bfloat16()
+                t = best({"exact": lambda x=x, w4=w4: w4.mm(x), "int8 act": lambda x=x, w4=w4: w4.mm(x, True)})
+                row(f"int4 g{gs} {nk[0]} x {nk[1]}, {m} row(s)", "exact", "int8 act", t, nb if m == 1 else None)
+            for m in (64, 128, 256):
+                x = torch.randn(m, nk[1], generator=g).bfloat16()
+                t = best({"rounded + exact": lambda x=x, w4=w4: w4.mm(kernels.round_activations_q8(x)),
+                          "int8 act": lambda x=x, w4=w4: int4_q8_gemv(w4, x)}, rounds=2)
+                row(f"int4 g{gs} {nk[0]} x {nk[1]}, {m} rows", "rounded + exact", "int8 act", t)
+
+
+def int4_q8_gemv(w4: Int4Weight, x: torch.Tensor) -> torch.Tensor:
+    """The int4 int8-activation GEMV at any row count (its row limit lifted for the call)."""
+    saved, kernels.INT4_Q8_ROWS = kernels.INT4_Q8_ROWS, 1 << 30
+    try:
+        return w4.mm(x, True)
+    finally:
+        kernels.INT4_Q8_ROWS = saved
+
+
 def packed(lin: CpuLinear, x: torch.Tensor) -> torch.Tensor:
     """CpuLinear's GEMM on its packed fp32 copy (the C GEMV's row limit set to 0 for the call)."""
     saved, precision.UPCAST_GEMV_ROWS = precision.UPCAST_GEMV_ROWS, 0
@@ -158,6 +203,9 @@ def latent_decode_upcast(q: torch.Tensor, chunks: list[torch.Tensor], c: int, sc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
+    sections = {"int4": int4_rows, "int8": int8_rows, "bf16": bf16_rows, "emulated": emulated_bf16_rows,
+                "int8act": int8act_rows}
+    ap.add_argument("--only", choices=sorted(sections), default=None, help="run one section")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lib = native.library()
@@ -169,8 +217,9 @@ def main() -> None:
     print(f"threads {args.threads}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
           f"dsv2 kernels: {isa}")
     print("| product | before | now | ratio |\n|---|---|---|---|")
-    for section in (int4_rows, int8_rows, bf16_rows, emulated_bf16_rows):
-        section(lib, g, 102_400, 2_048)
+    for name, section in sections.items():
+        if args.only in (None, name):
+            section(lib, g, 102_400, 2_048)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ BENCHMARKS.md for the commands). Format pairs:
     llama.cpp bf16  <->  dsv2 bf16 (from_pretrained)
     llama.cpp Q8_0  <->  dsv2 int8 (per output channel, quantised while loading)
     llama.cpp Q4_0  <->  dsv2 int4, groups of 32 (Q4_0's block) and of 128 (dsv2's default; --no-g128 skips it)
+    --int8-activations adds dsv2's int8 / int4 rows with activations rounded to int8 per 32 values
+    ("... a8": EngineConfig.int8_activations, the rounding llama.cpp's Q8_0 / Q4_0 products use)
 
 Workloads (the issue's):
 - decode, batch 1, at 1K / 4K / 8K / 32K context. llama.cpp: `llama-bench -p 0 -n 32 -d S` (32 tokens
@@ -62,8 +64,10 @@ from cpu import build, decode_step_fn, parallel_run, rss_per_format, weight_byte
 from decode import synthetic_rows
 from dsv2.engine import Engine, SamplingParams
 
-# llama.cpp GGUF type -> the dsv2 formats it is compared with (name -> (cpu.build format, int4 group size))
+# llama.cpp GGUF type -> the dsv2 formats it is compared with (name -> (cpu.build format, int4 group size));
+# a name ending in " a8" is the same weights with int8 activations
 DSV2_FORMATS = {"bf16": ("bf16", 32), "int8": ("int8", 32), "int4 g32": ("int4", 32), "int4 g128": ("int4", 128)}
+DSV2_FORMATS.update({f"{k} a8": v for k, v in DSV2_FORMATS.items() if k != "bf16"})
 PAIRS = {"bf16": ["bf16"], "q8_0": ["int8"], "q4_0": ["int4 g32", "int4 g128"]}
 LLAMA_NAME = {"bf16": "bf16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 TIME = "/usr/bin/time"  # GNU time: -f %M = peak RSS in KiB
@@ -136,7 +140,7 @@ def quantized_folder(args: argparse.Namespace, f: str) -> str:
         return args.checkpoint
     from dsv2.quant.convert import quantize_folder
 
-    folder = args.quantized_dir / f.replace(" ", "-")
+    folder = args.quantized_dir / f.removesuffix(" a8").replace(" ", "-")  # (a8: the same weights)
     if not (folder / "config.json").is_file():
         print(f"writing {folder} (dsv2 quantize {args.checkpoint} {folder} --weights {fmt}"
               + (f" --group-size {gs})" if fmt == "int4" else ")"),
@@ -223,6 +227,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1K / 4K decode, 512 prefill, 1 / 4 / 16 sequences")
     ap.add_argument("--types", nargs="+", default=list(PAIRS), choices=list(PAIRS), help="llama.cpp formats")
     ap.add_argument("--no-g128", action="store_true", help="skip dsv2 int4 with groups of 128")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="also dsv2's int8/int4 with int8 activations (EngineConfig.int8_activations)")
     ap.add_argument("--contexts", type=int, nargs="*", default=None, help="decode contexts (none: skip decode)")
     ap.add_argument("--prompts", type=int, nargs="*", default=None, help="prefill lengths (none: skip prefill)")
     ap.add_argument("--parallel", type=int, nargs="*", default=None, help="sequence counts (none: skip)")
@@ -256,6 +262,8 @@ def main() -> None:
             sys.exit(GGUF_HELP.format(path=p, ckpt=args.checkpoint, dir=args.gguf_dir, name=args.gguf_name,
                                       bin=args.llama_bin))
     pairs = {t: [f for f in PAIRS[t] if not (args.no_g128 and f == "int4 g128")] for t in args.types}
+    if args.int8_activations:
+        pairs = {t: fs + [f"{f} a8" for f in fs if f != "bf16"] for t, fs in pairs.items()}
 
     load0 = os.getloadavg()
     t_start = datetime.datetime.now(datetime.UTC)
@@ -275,7 +283,8 @@ def main() -> None:
         fmt, gs = DSV2_FORMATS[f]
         models[f] = build(fmt, gs, sources[f])
         engines[f] = Engine(models[f], kv_cache_dtype="bf16", max_tokens=max_tokens, prefix_caching=False,
-                            max_batch=max([64, *parallel]), compile=args.compile)
+                            max_batch=max([64, *parallel]), compile=args.compile,
+                            int8_activations=f.endswith(" a8"))  # (one model each: the switch is the model's)
         print(f"dsv2 {f}: weights {weight_bytes(models[f], False) / 2**20:.0f} MiB "
               f"({weight_bytes(models[f]) / 2**20:.0f} MiB read per decode step)", flush=True)
     for t, p in gguf.items():
@@ -357,6 +366,9 @@ def main() -> None:
         for t in args.types:
             for f in pairs[t]:
                 fmt, gs = DSV2_FORMATS[f]
+                if f.endswith(" a8"):  # the same weights; rounding adds a few KiB of scratch per product
+                    ours[f] = ours[f.removesuffix(" a8")]
+                    continue
                 ours[f] = rss_per_format([fmt], gs, sources[f])[fmt]
         for t in args.types:
             p0 = min(prompts, default=512)

@@ -100,11 +100,13 @@ def _gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 def bmm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ bᵀ per batch, (B,M,K) x (B,N,K) -> (B,M,N) in a's dtype, except a few rows times a bf16 b on the CPU
     in inference: dsv2's batched C GEMV (MLA's per-head W_UK / W_UV products of a decode step: PyTorch's bf16
-    bmm reads those weights at ~4.5 GB/s here). torch.bmm wherever the C library is missing or off."""
-    lib = _gemv_library(a, b, a.shape[1]) if b.stride(-1) == 1 else None
+    bmm reads those weights at ~4.5 GB/s here), which also takes fp32 rows against the bf16 b (up to
+    UPCAST_GEMV_ROWS of them). torch.bmm wherever the C library is missing or off (b cast to a's dtype)."""
+    mixed = a.dtype != b.dtype
+    lib = _gemv_library(a, b, a.shape[1], UPCAST_GEMV_ROWS if mixed else GEMV_ROWS) if b.stride(-1) == 1 else None
     if lib is not None:
         return native.bf16_bgemv(lib, a, b).to(a.dtype)
-    return torch.bmm(a, b.transpose(1, 2))
+    return torch.bmm(a, b.transpose(1, 2).to(a.dtype))
 
 
 def _onednn_packing() -> bool:
@@ -195,9 +197,18 @@ class CpuExperts(Experts):
 
 
 class CpuMLA(MLA):
-    """MLA whose absorbed per-head products (W_UK / W_UV, a decode step's few rows) run through `bmm_nt`."""
+    """MLA whose absorbed per-head products (W_UK / W_UV, a decode step's few rows) run through `bmm_nt`.
+    Where bf16 is emulated the engine computes decode attention in fp32: up to UPCAST_GEMV_ROWS rows of it
+    then meet the bf16 weights as stored in the C GEMV (exact fp32 products), not a cached fp32 copy read at
+    twice the bytes through torch.bmm."""
 
     bmm_nt = staticmethod(bmm_nt)
+
+    def absorbed_operand_dtype(self, dtype: torch.dtype, rows: int) -> torch.dtype:
+        w = self.kv_b_proj.weight
+        if dtype == torch.float32 and _gemv_library(w.new_empty(0, dtype=dtype), w, rows, UPCAST_GEMV_ROWS):
+            return w.dtype
+        return dtype
 
 
 _SWAPS: dict[type, type] = {nn.Linear: CpuLinear, Experts: CpuExperts, MLA: CpuMLA}

@@ -82,6 +82,16 @@ def test_generate_command_batch_and_quantised(checkpoint, capsys) -> None:
     assert rc == 0 and out.count("--- ") == 2 and "KV cache mixed" in err
 
 
+def test_generate_command_int8_activations(checkpoint, capsys) -> None:
+    folder, _, _ = checkpoint
+    rc = main(["--model", str(folder), "--prompt", "whether", "--max-new-tokens", "4", "--weights", "int4",
+               "--group-size", "32", "--int8-activations"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "int4 weights, int8 activations" in err and out.strip()
+    assert main(["--model", str(folder), "--prompt", "x", "--int8-activations"]) == 2
+    assert "EngineConfig.int8_activations" in capsys.readouterr().err
+
+
 def test_generate_command_errors(checkpoint, tmp_path, capsys) -> None:
     folder, _, _ = checkpoint
     assert main(["--model", str(folder), "--prompt", "x", "--top-p", "0"]) == 2

@@ -115,11 +115,12 @@ def test_compiled_engine_equals_eager() -> None:
             assert [t for t, _ in la.top] == [t for t, _ in lb.top]
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_compiled_quantised_engine_equals_eager(weights: str) -> None:
+@pytest.mark.parametrize("weights, act8", [("int8", False), ("int4", False), ("int8", True)])
+def test_compiled_quantised_engine_equals_eager(weights: str, act8: bool) -> None:
     """int8 / int4 linears and routed experts inside the compiled step run as the opaque ops dsv2::int8_mm /
-    dsv2::int4_mm / dsv2::quant_experts (the same C kernels and routing as eagerly): the same greedy tokens,
-    log-probabilities within 1e-5 (fp32 activations), no bucket left to eager. One graph, ~25 s."""
+    dsv2::int4_mm / dsv2::quant_experts (the same C kernels and routing as eagerly, int8 activations
+    included): the same greedy tokens, log-probabilities within 1e-5 (fp32 activations), no bucket left to
+    eager. One graph, ~25 s."""
     from dsv2.quant.swap import quantize_model
 
     prompt = [1, 5, 9, 33, 7]
@@ -128,7 +129,7 @@ def test_compiled_quantised_engine_equals_eager(weights: str) -> None:
     for compile_ in (False, True):
         model = tiny_model()
         quantize_model(model, weights, 32)
-        eng = Engine(model, max_tokens=256, block_size=16, compile=compile_)
+        eng = Engine(model, max_tokens=256, block_size=16, compile=compile_, int8_activations=act8)
         req = eng.add_request(prompt, sp)
         while eng.has_unfinished():
             eng.step()

@@ -362,3 +362,29 @@ def test_stop_strings_across_token_boundaries(mla_model, mla_refs) -> None:
         Engine(mla_model, max_tokens=64).add_request([1, 2], SamplingParams(stop=["x"]))
     with pytest.raises(SamplingError, match="stop"):
         SamplingParams(stop=[""])
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_int8_activations_engine_equals_full_forward(weights: str) -> None:
+    """EngineConfig(int8_activations=True) on int8 / int4 weights: the engine's greedy tokens (prefill rows
+    through the rounded activations' exact path or the integer GEMV, decode rows through the GEMV) are the
+    full-forward loop's with the same switch on; the switch belongs to the engine's config; float weights
+    are refused with the field named."""
+    from dsv2.engine import EngineConfigError
+    from dsv2.quant import set_int8_activations
+    from dsv2.quant.swap import quantize_model
+
+    model = quantize_model(tiny_model(), weights, 32)
+    eng = Engine(model, max_tokens=512, block_size=16, int8_activations=True)
+    assert all(m.int8_activations for m in model.modules() if hasattr(m, "int8_activations"))
+    refs = [full_forward_greedy(model, p, n) for p, n in zip(PROMPTS[:3], MAX_NEW[:3])]
+    outs = eng.generate(PROMPTS[:3], [SamplingParams(max_new_tokens=n) for n in MAX_NEW[:3]])
+    assert outs == refs
+    Engine(model, max_tokens=64)  # the default config turns it off again
+    assert not any(getattr(m, "int8_activations", False) for m in model.modules())
+    with pytest.raises(EngineConfigError, match="int8_activations.*float weights"):
+        Engine(tiny_model(), max_tokens=64, int8_activations=True)
+    with pytest.raises(EngineConfigError, match="int8_activations must be True or False"):
+        Engine(model, max_tokens=64, int8_activations="yes")
+    with pytest.raises(Exception, match="float weights"):
+        set_int8_activations(tiny_model())

@@ -16,10 +16,13 @@ from dsv2.quant import QuantError, QuantExperts, QuantLinear, native
 from dsv2.quant.kernels import (
     INT4_DEQUANT_ROWS,
     INT4_GEMV_ROWS,
+    INT4_Q8_ROWS,
     INT8_DEQUANT_ROWS,
+    INT8_Q8_ROWS,
     Int4Weight,
     aten_int4_layout,
     pack_int4,
+    quantize_activations_q8,
     quantize_int4,
     quantize_int8,
     unpack_int4,
@@ -393,3 +396,106 @@ def test_c_latent_decode_bf16_matches_float64(kernels: str) -> None:
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="expected bf16"):
         native.latent_decode_bf16(lib, q, [pool[:10].float()], c, scale)
+
+
+# ---- int8 activations ------------------------------------------------------------------------------------
+def _rounded64(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int8-activation kernels round it (codes · d per 32 columns), in float64."""
+    codes, d = quantize_activations_q8(x)
+    return codes.double() * d.double().repeat_interleave(32, dim=1)[:, : x.shape[1]]
+
+
+def test_activation_rounding_is_q8_and_c_agrees_bit_for_bit(kernels: str) -> None:
+    """The PyTorch rounding: per 32 columns (a shorter last block) codes in [-127, 127] with the block's
+    amax at ±127 and every value within half a step d/2 of codes·d; a zero block gives d = 0. The C
+    rounding (every build) gives the same codes and scales, bit for bit."""
+    x = _x(5, 104, torch.float32) * 3
+    x[1, 32:64] = 0  # a block of zeros
+    x[2, :4] = torch.tensor([2.5, -2.5, 0.5, 127.0])  # ties and the block's amax
+    codes, d = quantize_activations_q8(x)
+    assert codes.shape == (5, 104) and d.shape == (5, 4) and d[1, 1] == 0 and (codes[1, 32:64] == 0).all()
+    blocks = F.pad(x, (0, 24)).view(5, 4, 32)
+    assert torch.equal(d, blocks.abs().amax(-1) / 127)
+    assert int(codes.abs().max()) == 127 and codes[2, 3] == 127
+    err = (x.double() - _rounded64(x)).abs()
+    assert (err <= d.double().repeat_interleave(32, 1)[:, :104] / 2 * (1 + 1e-6)).all()
+    if kernels != "C":
+        return
+    lib = native.library()
+    for xs in (x, x.bfloat16(), x[:, :31]):
+        a, da = native.quant_q8(lib, xs)
+        b, db = quantize_activations_q8(xs)
+        assert torch.equal(a, b) and torch.equal(da, db)
+
+
+def test_c_int8_gemv_q8_matches_float64(kernels: str) -> None:
+    """dsv2_int8_gemv_q8: 1..9 rows (row tiles of 4), 104 columns (a last block of 8), fp32 / bf16 x and
+    scales, against the float64 product of the rounded activations: the integer sums are exact, so only
+    the fp32 accumulation of the blocks differs."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    q, s = quantize_int8(_w(37, 104))
+    q[0, :4] = torch.tensor([-127, 127, 0, -1], dtype=torch.int8)
+    for scale in (s, s.bfloat16()):
+        deq = q.double() * scale.double()[:, None]
+        for m in range(1, 10):
+            for dt in (torch.float32, torch.bfloat16):
+                x = _x(m, 104, dt)
+                ref = _rounded64(x) @ deq.T
+                y = native.int8_gemv_q8(lib, x, q, scale)
+                assert y.shape == (m, 37) and y.dtype == torch.float32
+                assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (m, dt)
+
+
+@pytest.mark.parametrize("n, k", [(64, 128), (176, 256), (80, 64)])  # whole blocks; a last block of 48 / 16 rows
+def test_c_int4_gemv_q8_matches_float64(kernels: str, n: int, k: int) -> None:
+    """dsv2_int4_gemv_q8 for 1..9 rows: scale · Σ code · rounded x + (zero - 8 scale) · Σ x per group, the
+    zero-point term from the exact x, in float64."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    for group in (32, 64) if k % 64 == 0 else (32,):
+        w4 = Int4Weight.quantize(_w(n, k), group, torch.bfloat16)
+        np_ = w4.packed.shape[0]
+        codes = unpack_int4(w4.packed, np_, k).double()  # (Np,K)
+        sz = w4.scales_and_zeros.double()  # (K/g,Np,2)
+        scale, zero = sz[..., 0].T, sz[..., 1].T  # (Np,K/g)
+        for m in range(1, 10):
+            x = _x(m, k, torch.bfloat16 if m % 2 else torch.float32)
+            xr = _rounded64(x)
+            ref = (xr.view(m, 1, -1, group) * codes.view(1, np_, -1, group)).sum(-1)  # (m,Np,K/g)
+            ref = (ref * scale).sum(-1) + x.double().view(m, -1, group).sum(-1) @ (zero - 8 * scale).T
+            y = native.int4_gemv_q8(lib, x, w4.packed, w4.scales_and_zeros, group)
+            assert y.shape == (m, np_) and y.dtype == torch.float32
+            assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (group, m)
+    with pytest.raises(TypeError, match="bf16 scales"):
+        native.int4_gemv_q8(lib, x, w4.packed, w4.scales_and_zeros.float(), group)
+    with pytest.raises(ValueError, match=f"activations have {k - 2} columns, the packed weight {k}"):
+        native.int4_gemv_q8(lib, x[:, 2:], w4.packed, w4.scales_and_zeros, group)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_with_int8_activations_is_the_product_of_the_rounded_activations(weights: str,
+                                                                                 dtype: torch.dtype) -> None:
+    """A QuantLinear with int8 activations, at row counts of the integer GEMV and beyond it (the rounded
+    activations and the dequantised weight; where int4 takes the C GEMV (bf16, vector build), its zero-point
+    term (zero - 8 scale) · Σ x over the exact x."""
+    n, k = 40, 96
+    mod = QuantLinear.from_weight(_w(n, k), None, weights, 32, dtype)
+    mod.int8_activations = True
+    deq = mod.weight.double()  # (n,k): what the exact product multiplies by
+    lib = native.library()
+    gemv4 = weights == "int4" and dtype == torch.bfloat16 and lib is not None and native.fast_q8(lib)
+    for m in (1, 5, INT8_Q8_ROWS + 3, INT4_Q8_ROWS + 3):
+        x = _x(m, k, dtype)
+        xr = _rounded64(x)
+        ref = xr @ deq.T
+        if gemv4 and m <= INT4_Q8_ROWS:
+            sz = mod.scales_and_zeros.double()[:, :n]  # (K/32,n,2)
+            ref += (x.double() - xr).view(m, -1, 32).sum(-1) @ (sz[..., 1] - 8 * sz[..., 0])
+        y = mod(x)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert (y.double() - ref).abs().max() <= _tol(dtype, ref), m
+    assert "int8 activations" in repr(mod)

@@ -47,6 +47,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "experts while loading (the float model never exists); default: as stored in --model "
                    "(a `dsv2 quantize` folder loads quantised)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128, 256 (default 128)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="int8/int4 weights only: round activations to int8 per 32 values (llama.cpp's Q8_0 "
+                   "rounding) and multiply by integer dot products: 1.3-2x faster products on AVX2 CPUs; "
+                   "results differ from the exact product (README: 'int8 activations')")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true",
                    help="decode steps as one torch.compile'd graph of the whole forward (inductor, C++): "
@@ -65,6 +69,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "the token embedding, read a row per token, stays mapped)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, capped at "
                    "the cores idle now: more threads than idle cores make every step wait for the slowest)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineConfig fields from the engine flags (`add_engine_args`), shared by generate and serve."""
+    return dict(kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory, max_batch=args.max_batch,
+                max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
+                rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk,
+                resident=not args.no_resident, int8_activations=args.int8_activations)
 
 
 def _pick_dtype(name: str, n_params: int, quantised: bool = False) -> torch.dtype:
@@ -126,11 +138,8 @@ def run_generate(args: argparse.Namespace) -> int:
     budget_tokens = len(args.prompt) * (max(len(tokenizer.encode(p).ids) for p in args.prompt)
                                         + args.max_new_tokens)
     try:
-        engine = Engine(model, kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory,
-                        max_tokens=None if args.kv_memory else max(budget_tokens, 64),
-                        rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk,
-                        max_batch=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
-                        prefix_caching=not args.no_prefix_caching, resident=not args.no_resident)
+        engine = Engine(model, **{**engine_kwargs(args),
+                                  "max_tokens": None if args.kv_memory else max(budget_tokens, 64)})
         if args.show_config:
             print(f"engine:\n{engine.config.describe()}", file=sys.stderr)
         prompts = [tokenizer.encode(p).ids for p in args.prompt]
@@ -140,6 +149,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fmt = f"{args.weights or cfg.extra.get('quantization_config', {}).get('weights', 'float')} weights, "
+    if engine.config.int8_activations:
+        fmt += "int8 activations, "
     print(f"[{cfg.num_parameters() / 1e6:.1f}M parameters, {fmt}{dtype}, {device}, "
           f"{torch.get_num_threads()} threads, loaded in {load_s:.1f}s]",
           file=sys.stderr)

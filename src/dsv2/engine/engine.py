@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dsv2.engine.cache import PagedCache
-from dsv2.engine.config import EngineConfig
+from dsv2.engine.config import EngineConfig, EngineConfigError
 from dsv2.engine.detok import Detokenizer
 from dsv2.engine.runner import ModelRunner, SeqWork
 from dsv2.engine.sampling import SamplingParams, is_finished, sample_token, token_logprobs
@@ -28,6 +28,8 @@ from dsv2.engine.scheduler import Request, RequestError, Scheduler
 from dsv2.fuse import fuse_gate_up
 from dsv2.model import DeepseekV2
 from dsv2.precision import prepare
+from dsv2.quant.kernels import QuantError
+from dsv2.quant.swap import set_int8_activations
 from dsv2.resident import make_resident
 
 
@@ -90,6 +92,10 @@ class Engine:
         self.resident_bytes = make_resident(model) if config.resident else 0
         w = model.embed_tokens.weight
         self.model, self.cfg, self.device = prepare(model.eval()), cfg, w.device
+        try:  # the config owns this switch of the quantised modules: set either way
+            set_int8_activations(model, config.int8_activations)
+        except QuantError as e:
+            raise EngineConfigError(f"EngineConfig.int8_activations: {e}") from None
         if not config.compile:  # (a compiled step fuses on its own; its frozen weights must not be views)
             fuse_gate_up(model)  # gate and up projections as one matmul (same parameters, views of one storage)
         if config.kv_memory is None and config.max_tokens is None:

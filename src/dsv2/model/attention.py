@@ -141,20 +141,26 @@ class MLA(nn.Module):
     # attribute, so that a precision pass can swap in another kernel (`dsv2.precision.CpuMLA`).
     bmm_nt = staticmethod(lambda a, b: torch.bmm(a, b.transpose(1, 2)))
 
+    def absorbed_operand_dtype(self, dtype: torch.dtype, rows: int) -> torch.dtype:
+        """The dtype of the absorbed weights that multiply `rows` rows of activations computed in `dtype`:
+        `dtype` itself here; a precision pass whose `bmm_nt` takes mixed operands may keep them as stored."""
+        return dtype
+
     def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor, dtype: torch.dtype | None = None
                      ) -> torch.Tensor:
         """[W_UKᵀ q_nope ; q_pe] per head: q_nope (…,H,Dn), q_pe (…,H,R) -> (…,H,C+R), a query that scores
         the latent rows [c_kv ; k_R] directly (q_C·k_C = (W_UKᵀ q_C)·c_kv)."""
-        w_uk_t, _ = self.absorbed_weights(dtype)
         lead, h = q_nope.shape[:-2], self.n_heads
-        qn = q_nope.reshape(-1, h, self.d_nope).transpose(0, 1).to(w_uk_t.dtype)  # (H,M,Dn)
-        q_lat = self.bmm_nt(qn, w_uk_t).to(w_uk_t.dtype).transpose(0, 1)  # (M,H,C)
-        return torch.cat((q_lat, q_pe.reshape(-1, h, self.d_rope).to(w_uk_t.dtype)), dim=-1).view(*lead, h, -1)
+        dt = dtype or self.kv_b_proj.weight.dtype
+        w_uk_t, _ = self.absorbed_weights(self.absorbed_operand_dtype(dt, q_nope.numel() // (h * self.d_nope)))
+        qn = q_nope.reshape(-1, h, self.d_nope).transpose(0, 1).to(dt)  # (H,M,Dn)
+        q_lat = self.bmm_nt(qn, w_uk_t).to(dt).transpose(0, 1)  # (M,H,C)
+        return torch.cat((q_lat, q_pe.reshape(-1, h, self.d_rope).to(dt)), dim=-1).view(*lead, h, -1)
 
     def absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """W_UV per head on the attended latent: o_lat (…,H,C) -> (…,H*Dv), in o_lat's dtype."""
-        _, w_uv = self.absorbed_weights(o_lat.dtype)
         lead, h = o_lat.shape[:-2], self.n_heads
+        _, w_uv = self.absorbed_weights(self.absorbed_operand_dtype(o_lat.dtype, o_lat.numel() // (h * self.kv_rank)))
         o = self.bmm_nt(o_lat.reshape(-1, h, self.kv_rank).transpose(0, 1), w_uv).to(o_lat.dtype)  # (H,M,Dv)
         return o.transpose(0, 1).reshape(*lead, h * self.d_v)
 

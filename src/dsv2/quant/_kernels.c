@@ -519,6 +519,24 @@ static void int4_block_ref(const uint16_t *x, const float *xs, const uint8_t *pa
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* the group closing step for 8 rows r..r+7 of MC activation rows: y += acc * scale + xs * (zero - 8 scale) */
+static inline __attribute__((always_inline)) void int4_close8(const __m256 *acc, int64_t acc_stride, int MC,
+                                                              const uint16_t *sz, const float *xs, int64_t ng,
+                                                              int64_t grp, float *y, int64_t Np, int64_t r) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(sz + (grp * Np + r) * 2)); /* 8 (scale, zero) pairs */
+    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
+    const __m256 c = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z);
+    for (int m = 0; m < MC; m++) {
+        float *yr = y + m * Np + r;
+        const __m256 o = _mm256_fmadd_ps(acc[m * acc_stride], s, _mm256_loadu_ps(yr));
+        _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_set1_ps(xs[m * ng + grp]), c, o));
+    }
+}
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #define INT4_GEMV_FAST 1
 /* one full 64-row block for MC (1..4) activation rows: acc[m][0..3] = rows 0-15, 16-31, 32-47, 48-63 */
@@ -603,21 +621,6 @@ static inline void int4_tile(const uint16_t *x, const float *xs, const uint8_t *
 static inline __m256 int4_codes8(const uint8_t *p, int high) {
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
     return _mm256_cvtepi32_ps(high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15)));
-}
-
-/* the group closing step for 8 rows r..r+7 of MC activation rows: y += acc * scale + xs * (zero - 8 scale) */
-static inline __attribute__((always_inline)) void int4_close8(const __m256 *acc, int64_t acc_stride, int MC,
-                                                              const uint16_t *sz, const float *xs, int64_t ng,
-                                                              int64_t grp, float *y, int64_t Np, int64_t r) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)(sz + (grp * Np + r) * 2)); /* 8 (scale, zero) pairs */
-    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
-    const __m256 c = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z);
-    for (int m = 0; m < MC; m++) {
-        float *yr = y + m * Np + r;
-        const __m256 o = _mm256_fmadd_ps(acc[m * acc_stride], s, _mm256_loadu_ps(yr));
-        _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_set1_ps(xs[m * ng + grp]), c, o));
-    }
 }
 
 static void int4_block_avx2_1(const float *x, const float *xs, const uint8_t *bp, const uint16_t *sz, float *y,
@@ -727,6 +730,277 @@ void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz
 #if INT4_GEMV_FAST == 2
     free(xf);
 #endif
+}
+
+
+/* ---- int8 activations (opt-in): x rounded to int8 per 32 columns, integer dot products ---------------------
+ *
+ * The exact products above convert every weight to fp32 or bf16 before multiplying; on CPUs without
+ * AVX512_BF16 that conversion, not the memory, bounds the int8 / int4 GEMVs. Here the activations are rounded
+ * instead, once per call, to int8 codes with one fp32 scale per 32 columns (d = amax / 127: llama.cpp's Q8_0
+ * rounding, d kept in fp32), and the weights meet them in vpmaddubsw (32 byte products, summed in pairs into
+ * int16) without conversion. The result is that of the exact product with x replaced by its rounded copy
+ * xq * d, up to fp32 summation order; int4's zero-point term uses the exact group sums of x. */
+
+/* x (M, K) fp32 or bf16 -> xq (M, K) int8 and xd (M, ceil(K / 32)) fp32: per 32 columns (a last block may be
+ * shorter) d = amax / 127 and q = rint(x * (1 / d)), nearest even (a block of zeros: d = 0, q = 0) */
+void dsv2_quant_q8(const void *x, int x_bf16, int8_t *xq, float *xd, int64_t M, int64_t K) {
+    const int64_t nb = (K + 31) / 32;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t k0 = m * K + b * 32, n = K - b * 32 < 32 ? K - b * 32 : 32;
+            float v[32], amax = 0.f;
+            for (int64_t i = 0; i < n; i++) {
+                v[i] = load(x, k0 + i, x_bf16);
+                amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+            }
+            const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            xd[m * nb + b] = d;
+            for (int64_t i = 0; i < n; i++) xq[k0 + i] = (int8_t)__builtin_rintf(v[i] * id);
+        }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define Q8_FAST 1
+static inline float hsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 int32 partial sums of the 32 products w . x (both int8 in [-127, 127]) */
+static inline __m256i q8_dot32(__m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
+#else /* |x| (unsigned) times w with x's sign: pairs summed into int16 (|sum| <= 2 * 127 * 127), then into int32 */
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+
+/* one int8 weight row against up to 4 rounded activation rows: one sequential stream, as bf16dp_row */
+static inline __attribute__((always_inline)) void int8q8_row(const int8_t *wr, const int8_t *const *xr,
+                                                             const float *const *dr, int mc, int64_t K,
+                                                             float out[4]) {
+    const int64_t nb = K / 32;
+    __m256 acc[4];
+    for (int j = 0; j < mc; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(wr + 32 * b));
+        for (int j = 0; j < mc; j++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[j] + 32 * b));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot32(w, xv)), _mm256_set1_ps(dr[j][b]), acc[j]);
+        }
+    }
+    for (int j = 0; j < mc; j++) {
+        int32_t tail = 0; /* a last block of fewer than 32 columns */
+        for (int64_t k = nb * 32; k < K; k++) tail += (int32_t)wr[k] * xr[j][k];
+        out[j] = hsum256(acc[j]) + (nb * 32 < K ? (float)tail * dr[j][nb] : 0.f);
+    }
+}
+#else
+#define Q8_FAST 0
+#endif
+
+/* 1 where the int8-activation kernels have their vector path (AVX2), else plain loops for tests */
+int dsv2_q8_fast(void) { return Q8_FAST; }
+
+/* y (M, N) fp32 = (xq * xd) (M, K) @ (q * scale)^T for activations rounded by dsv2_quant_q8 */
+void dsv2_int8_gemv_q8(const int8_t *xq, const float *xd, const int8_t *q, const void *scale, int scale_bf16,
+                       float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    const int64_t nb = (K + 31) / 32;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wr = q + n * K;
+        const float sc = load(scale, n, scale_bf16);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
+            float out[4];
+#if Q8_FAST
+            const int8_t *xr[4];
+            const float *dr[4];
+            for (int j = 0; j < mc; j++) xr[j] = xq + (m0 + j) * K, dr[j] = xd + (m0 + j) * nb;
+            switch (mc) {
+                case 1: int8q8_row(wr, xr, dr, 1, K, out); break;
+                case 2: int8q8_row(wr, xr, dr, 2, K, out); break;
+                case 3: int8q8_row(wr, xr, dr, 3, K, out); break;
+                default: int8q8_row(wr, xr, dr, 4, K, out); break;
+            }
+#else
+            for (int j = 0; j < mc; j++) {
+                float a = 0.f;
+                for (int64_t b = 0; b < nb; b++) {
+                    int32_t s = 0;
+                    for (int64_t k = b * 32; k < K && k < b * 32 + 32; k++) s += (int32_t)wr[k] * xq[(m0 + j) * K + k];
+                    a += (float)s * xd[(m0 + j) * nb + b];
+                }
+                out[j] = a;
+            }
+#endif
+            for (int j = 0; j < mc; j++) y[(m0 + j) * N + n] = out[j] * sc;
+        }
+    }
+}
+
+/* int4 weights (dsv2's layout, bf16 sz) against rounded activations: per group
+ *   y += scale * sum_b d_b * sum_{k in b} q_k xq_k + (zero - 8 * scale) * sum_k x_k,
+ * the last sum over the exact x (xs). The plain loop, for any block (the short last one too). */
+static void int4q8_block_ref(const int8_t *xq, const float *xd, const float *xs, const uint8_t *packed,
+                             const uint16_t *sz, float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int64_t b) {
+    const int64_t full = Np / 64, rows = b < full ? 64 : Np - full * 64, half = rows / 2, nb = Kp / 32;
+    const uint8_t *bp = packed + b * 32 * Kp;
+    const int64_t bytes_per_k = b < full ? 32 : half;
+    for (int64_t j = 0; j < rows; j++) {
+        const int64_t r = b * 64 + j, byte = rows == 64 ? j % 32 : j / 2;
+        const int shift = (rows == 64 ? j >= 32 : j % 2) ? 4 : 0;
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.f;
+            for (int64_t k0 = 0; k0 < Kp; k0 += g) {
+                const int64_t i = ((k0 / g) * Np + r) * 2;
+                const float s = bf2f(sz[i]), z = bf2f(sz[i + 1]);
+                float dot = 0.f;
+                for (int64_t kb = k0; kb < k0 + g; kb += 32) {
+                    int32_t t = 0;
+                    for (int64_t k = kb; k < kb + 32; k++)
+                        t += (int32_t)((bp[k * bytes_per_k + byte] >> shift) & 15) * xq[m * Kp + k];
+                    dot += (float)t * xd[m * nb + kb / 32];
+                }
+                acc += s * dot + (z - 8.f * s) * xs[m * (Kp / g) + k0 / g];
+            }
+            y[m * Np + r] = acc;
+        }
+    }
+}
+
+#if Q8_FAST
+static inline __m256i q8_pair(const int8_t *p) { /* x_k, x_k+1 in every 16-bit lane */
+    int16_t v;
+    memcpy(&v, p, 2);
+    return _mm256_set1_epi16(v);
+}
+
+/* int16 sums of 8 column pairs (|sum| <= 8 * 2 * 15 * 127 < 2^15) scaled by the block's d into fp32 */
+static inline __m256 q8_widen(__m256i s, int high, __m256 d, __m256 f) {
+    const __m128i h = high ? _mm256_extracti128_si256(s, 1) : _mm256_castsi256_si128(s);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h)), d, f);
+}
+
+/* One full 64-row block, one activation row, all rows in one pass. Columns k, k+1 (32 bytes each: the codes
+ * of rows 0-31 in the low nibbles, 32-63 in the high) are interleaved bytewise, so that vpmaddubsw multiplies
+ * each row's two codes by x_k, x_k+1: unpacklo gives rows 0-7 | 16-23, unpackhi rows 8-15 | 24-31 (lanes of
+ * 128 bits), the high nibbles the same 32 rows on. */
+static void int4q8_block_1(const int8_t *xq, const float *xd, const float *xs, const uint8_t *bp,
+                           const uint16_t *sz, float *y, int64_t Np, int64_t Kp, int64_t g, int64_t row0) {
+    static const int oct[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}}; /* the 8-row groups of s[i]'s two halves */
+    const int64_t ng = Kp / g;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int64_t grp = 0; grp < ng; grp++) {
+        __m256 f[8];
+        for (int i = 0; i < 8; i++) f[i] = _mm256_setzero_ps();
+        for (int i = 0; i < 8; i += 2) __builtin_prefetch(sz + (grp * Np + row0 + 64 + 8 * i) * 2, 0, 0);
+        const uint8_t *p = bp + grp * g * 32;
+        for (int64_t k0 = grp * g; k0 < grp * g + g; k0 += 16) {
+            __m256i s[4];
+            for (int i = 0; i < 4; i++) s[i] = _mm256_setzero_si256();
+            for (int64_t k = k0; k < k0 + 16; k += 2, p += 64) {
+                __builtin_prefetch(p + 32 * Kp, 0, 0); /* the next block's line (one per column pair) */
+                const __m256i a = _mm256_loadu_si256((const __m256i *)p), b = _mm256_loadu_si256((const __m256i *)(p + 32));
+                const __m256i la = _mm256_and_si256(a, m4), lb = _mm256_and_si256(b, m4);
+                const __m256i ha = _mm256_and_si256(_mm256_srli_epi16(a, 4), m4);
+                const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+                const __m256i xp = q8_pair(xq + k);
+                s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(la, lb), xp));
+                s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(la, lb), xp));
+                s[2] = _mm256_add_epi16(s[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ha, hb), xp));
+                s[3] = _mm256_add_epi16(s[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ha, hb), xp));
+            }
+            const __m256 d = _mm256_set1_ps(xd[k0 / 32]);
+            for (int i = 0; i < 4; i++) {
+                f[oct[i][0]] = q8_widen(s[i], 0, d, f[oct[i][0]]);
+                f[oct[i][1]] = q8_widen(s[i], 1, d, f[oct[i][1]]);
+            }
+        }
+        for (int i = 0; i < 8; i++) int4_close8(f + i, 1, 1, sz, xs, ng, grp, y, Np, row0 + 8 * i);
+    }
+}
+
+/* One full block, 2-4 activation rows: a quarter (16 rows) at a time, so that the rows' sums fit the registers:
+ * 16 bytes of columns k and k+1 interleaved (128-bit unpacks: rows r..r+7, r+8..r+15) make one vector. */
+static inline __attribute__((always_inline)) void int4q8_block_q(const int8_t *xq, const float *xd, const float *xs,
+                                                                 const uint8_t *bp, const uint16_t *sz, float *y,
+                                                                 const int MC, int64_t Np, int64_t Kp, int64_t g,
+                                                                 int64_t row0) {
+    const int64_t ng = Kp / g, nb = Kp / 32;
+    const __m128i m4 = _mm_set1_epi8(15);
+    for (int quarter = 0; quarter < 4; quarter++) {
+        const int64_t off = (quarter & 1) * 16, r = row0 + 16 * (quarter & 1) + 32 * (quarter >> 1);
+        const int shift = 4 * (quarter >> 1);
+        for (int64_t grp = 0; grp < ng; grp++) {
+            __m256 f[4][2];
+            for (int m = 0; m < MC; m++) f[m][0] = f[m][1] = _mm256_setzero_ps();
+            const uint8_t *p = bp + grp * g * 32 + off;
+            for (int64_t k0 = grp * g; k0 < grp * g + g; k0 += 16) {
+                __m256i s[4];
+                for (int m = 0; m < MC; m++) s[m] = _mm256_setzero_si256();
+                for (int64_t k = k0; k < k0 + 16; k += 2, p += 64) {
+                    if ((k & 7) == 0) /* a quarter of the next block's lines per quarter pass */
+                        __builtin_prefetch(bp + 32 * Kp + (quarter * (Kp / 8) + k / 8) * 64, 0, 0);
+                    const __m128i a = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)p), shift), m4);
+                    const __m128i b = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(p + 32)), shift), m4);
+                    const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
+                    for (int m = 0; m < MC; m++)
+                        s[m] = _mm256_add_epi16(s[m], _mm256_maddubs_epi16(w, q8_pair(xq + m * Kp + k)));
+                }
+                for (int m = 0; m < MC; m++) {
+                    const __m256 d = _mm256_set1_ps(xd[m * nb + k0 / 32]);
+                    f[m][0] = q8_widen(s[m], 0, d, f[m][0]);
+                    f[m][1] = q8_widen(s[m], 1, d, f[m][1]);
+                }
+            }
+            int4_close8(&f[0][0], 2, MC, sz, xs, ng, grp, y, Np, r);
+            int4_close8(&f[0][1], 2, MC, sz, xs, ng, grp, y, Np, r + 8);
+        }
+    }
+}
+#endif
+
+/* y (M, Np) fp32 = x (M, Kp) @ W^T for the int4 weight (packed, bf16 sz) with x rounded to int8 per 32
+ * columns (into the scratch xq (M, Kp), xd (M, Kp / 32)); xs (M, Kp / g) the exact group sums of x. x is
+ * bf16 (x_bf16) or fp32. */
+void dsv2_int4_gemv_q8(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *sz, int8_t *xq, float *xd,
+                       float *xs, float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int nthreads) {
+    const int64_t ng = Kp / g, nb = (Np + 63) / 64;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < ng; i++) {
+            float s = 0.f;
+            for (int64_t k = i * g; k < (i + 1) * g; k++) s += load(x, m * Kp + k, x_bf16);
+            xs[m * ng + i] = s;
+        }
+    dsv2_quant_q8(x, x_bf16, xq, xd, M, Kp);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+#if Q8_FAST
+        if (b < Np / 64) {
+            const uint8_t *bp = packed + b * 32 * Kp;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) { /* the block stays in L2 across row tiles */
+                const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
+                for (int m = 0; m < mc; m++) memset(y + (m0 + m) * Np + b * 64, 0, 64 * sizeof(float));
+                const int8_t *xm = xq + m0 * Kp;
+                const float *dm = xd + m0 * (Kp / 32), *sm = xs + m0 * ng;
+                float *ym = y + m0 * Np;
+                switch (mc) {
+                    case 1: int4q8_block_1(xm, dm, sm, bp, sz, ym, Np, Kp, g, b * 64); break;
+                    case 2: int4q8_block_q(xm, dm, sm, bp, sz, ym, 2, Np, Kp, g, b * 64); break;
+                    case 3: int4q8_block_q(xm, dm, sm, bp, sz, ym, 3, Np, Kp, g, b * 64); break;
+                    default: int4q8_block_q(xm, dm, sm, bp, sz, ym, 4, Np, Kp, g, b * 64); break;
+                }
+            }
+            continue;
+        }
+#endif
+        int4q8_block_ref(xq, xd, xs, packed, sz, y, M, Np, Kp, g, b);
+    }
 }
 
 

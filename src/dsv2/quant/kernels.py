@@ -12,6 +12,10 @@ int4: asymmetric per group of g input features. scale = (max - min) / 15, q = ro
   the same on every machine); the kernels want N % 16 == 0 and g in {32, 64, 128, 256}: `Int4Weight` pads
   N with zero rows and K (when g does not divide it, e.g. V2-Lite's dense 10944) by repeating the
   last column, and pads x with zeros, so padding never changes a result.
+int8 activations (opt-in, `int8_act=True`): x is first rounded per 32 columns to int8 codes times one fp32 scale
+  d = amax/127 (`round_activations_q8`, llama.cpp's Q8_0 rounding), and the C kernels multiply the codes with
+  integer dot products (no weight conversion: ~2-3x the exact kernels' speed on AVX2). The result is the exact
+  product of the rounded x (int4's zero-point term uses the exact x); it is not the exact product of x.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ INT8_DEQUANT_ROWS = 16
 # whose x stays in L1 (1.2-1.6x the fp32 GEMV on one Zen 4 core; slower beyond these bounds)
 INT8_BF16_ROWS, INT8_BF16_K = 2, 4096
 INT4_DEQUANT_ROWS = 24
+# int8 activations: the integer-dot-product GEMVs up to these many rows, above them the rounded x goes the
+# exact way (panels and the dense GEMM)
+INT8_Q8_ROWS = 32
+INT4_Q8_ROWS = 128
+Q8_BLOCK = 32
 # bf16 activations and scales, on CPUs with AVX512_BF16 + VBMI: dsv2's int4 GEMV (the codes become bf16 in
 # registers, one dot-product instruction per 32 multiply-adds; a 64-row block stays in L2 while every 4 rows
 # pass over it) up to this many rows, instead of either above: 1.2-2.5x the dequantise + bf16 GEMM path from
@@ -96,9 +105,35 @@ def panel_mm(x: torch.Tensor, n: int, dequant: Callable[[int, int, torch.Tensor]
     return yt.t().to(x.dtype).contiguous()
 
 
-def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M,K) @ dequant(q)ᵀ -> (M,N) in x.dtype; scale must be in x.dtype."""
+# ---- int8 activations ----------------------------------------------------------------------------
+def quantize_activations_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M,K) float -> (codes (M,K) int8, d (M, ceil(K/32)) fp32): per 32 columns (the last block may be
+    shorter) d = amax/127 and codes = round(x · (1/d)) to nearest even (d = 0: codes 0), all in fp32. The C
+    kernels' `dsv2_quant_q8` computes the same bits."""
+    m, k = x.shape
+    pad = -k % Q8_BLOCK
+    xb = F.pad(x.float(), (0, pad)).view(m, -1, Q8_BLOCK)  # (M,nb,32): zero padding leaves amax as it is
+    d = xb.abs().amax(dim=2) / 127.0  # (M,nb)
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    codes = torch.round(xb * inv[..., None]).to(torch.int8).view(m, -1)[:, :k]
+    return codes, d
+
+
+def round_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """x (M,K) replaced by its int8-rounded copy codes · d, in x.dtype: what the int8-activation kernels
+    multiply, for the rows that go another way (many rows; no C kernels)."""
+    codes, d = quantize_activations_q8(x)
+    k = x.shape[1]
+    return (codes.float() * d.repeat_interleave(Q8_BLOCK, dim=1)[:, :k]).to(x.dtype)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_act: bool = False) -> torch.Tensor:
+    """x (M,K) @ dequant(q)ᵀ -> (M,N) in x.dtype; scale must be in x.dtype. int8_act: x rounded to int8 first."""
     lib = native.library() if native.supports(x, scale) else None
+    if int8_act:
+        if lib is not None and x.shape[0] <= INT8_Q8_ROWS and native.fast_q8(lib):
+            return native.int8_gemv_q8(lib, x, q, scale).to(x.dtype)
+        x = round_activations_q8(x)
     if lib is None:
         if x.shape[0] > _FALLBACK_DEQUANT_ROWS["int8"]:
             dt = _gemm_dtype(x)
@@ -248,10 +283,18 @@ class Int4Weight:
             return out.copy_(full[:, : self.k])
         return panel_mm(x, self.n, dequant)
 
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M,K) -> (M,N) in x.dtype (scales_and_zeros must be in x.dtype)."""
+    def mm(self, x: torch.Tensor, int8_act: bool = False) -> torch.Tensor:
+        """x (M,K) -> (M,N) in x.dtype (scales_and_zeros must be in x.dtype). int8_act: x rounded to int8
+        first (`round_activations_q8`)."""
         lib = native.library() if native.supports(x, self.scales_and_zeros) else None
         kp = self.packed.shape[1] * 2
+        if int8_act:
+            if (lib is not None and x.shape[0] <= INT4_Q8_ROWS and self.scales_and_zeros.dtype == torch.bfloat16
+                    and native.fast_q8(lib)):
+                xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # zero columns: same codes, same sums
+                y = native.int4_gemv_q8(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
+                return y if y.shape[1] == self.n else y[:, : self.n]
+            x = round_activations_q8(x)
         gemv = (lib is not None and x.shape[0] <= INT4_GEMV_ROWS and x.dtype == self.scales_and_zeros.dtype
                 == torch.bfloat16 and native.fast_int4_gemv(lib))
         if not gemv:  # many rows, or aten's kernel would misread the bytes (another layout): dequantised weights
@@ -275,22 +318,22 @@ class Int4Weight:
 # compiled decode step) calls back into them, C kernels and routing included, where tracing would stop at
 # the ctypes calls. Eagerly, the modules call the functions directly.
 @torch.library.custom_op("dsv2::int8_mm", mutates_args=())
-def int8_mm_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return int8_mm(x, q, scale).contiguous()
+def int8_mm_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_act: bool) -> torch.Tensor:
+    return int8_mm(x, q, scale, int8_act).contiguous()
 
 
 @int8_mm_op.register_fake
-def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_act: bool) -> torch.Tensor:
     return x.new_empty(x.shape[0], q.shape[0])
 
 
 @torch.library.custom_op("dsv2::int4_mm", mutates_args=())
 def int4_mm_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,
-               group_size: int) -> torch.Tensor:
-    return Int4Weight(packed, scales_and_zeros, n, k, group_size).mm(x).contiguous()
+               group_size: int, int8_act: bool) -> torch.Tensor:
+    return Int4Weight(packed, scales_and_zeros, n, k, group_size).mm(x, int8_act).contiguous()
 
 
 @int4_mm_op.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,
-      group_size: int) -> torch.Tensor:
+      group_size: int, int8_act: bool) -> torch.Tensor:
     return x.new_empty(x.shape[0], n)

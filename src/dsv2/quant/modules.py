@@ -47,6 +47,8 @@ class _Quantised(nn.Module):
         if weights == "int4":
             check_group_size(group_size)
         self.bytes_read = 0
+        # opt-in: activations rounded to int8 per 32 values before each product (quant.swap.set_int8_activations)
+        self.int8_activations = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,19 +89,20 @@ class _Quantised(nn.Module):
         """x (M,k) in self.dtype times the weight in slot `index` -> (M,n)."""
         q = getattr(self, f"{prefix}qweight")[index]
         compiling = torch.compiler.is_compiling()  # then the products are opaque ops, and nothing is counted
+        act8 = self.int8_activations
         if self.weights == "int8":
             s = getattr(self, f"{prefix}scales")[index]
             if compiling:
-                return int8_mm_op(x, q, s)
+                return int8_mm_op(x, q, s, act8)
             self._count(q, s)
-            return int8_mm(x, q, s)
+            return int8_mm(x, q, s, act8)
         sz = getattr(self, f"{prefix}scales_and_zeros")[index]
         if x.device.type != "cpu":
             raise QuantError(f"int4 weights run on the CPU kernel only; got activations on {x.device}")
         if compiling:
-            return int4_mm_op(x, q, sz, n, k, self.group_size)
+            return int4_mm_op(x, q, sz, n, k, self.group_size, act8)
         self._count(q, sz)
-        return Int4Weight(q, sz, n, k, self.group_size).mm(x)
+        return Int4Weight(q, sz, n, k, self.group_size).mm(x, act8)
 
     def _dequantised(self, prefix: str, index: tuple[int, ...], n: int, k: int) -> torch.Tensor:
         q = getattr(self, f"{prefix}qweight")[index]
@@ -158,7 +161,8 @@ class QuantLinear(_Quantised):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.weights == "int4" else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weights}{g}, {self.dtype}"
+        a = ", int8 activations" if self.int8_activations else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weights}{g}, {self.dtype}{a}"
 
 
 class QuantExperts(_Quantised):

@@ -41,6 +41,9 @@ _SIGNATURES = {
     "dsv2_int8_gemv_bf16": [_p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _int],
     "dsv2_int4_gemv": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
     "dsv2_latent_decode_bf16": [_p, _i64, _i64, _i64, _p, _p, _i64, _i64, ctypes.c_float, _p, _int],
+    "dsv2_quant_q8": [_p, _int, _p, _p, _i64, _i64],
+    "dsv2_int8_gemv_q8": [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
+    "dsv2_int4_gemv_q8": [_p, _int, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
 }
 
 
@@ -97,7 +100,7 @@ def library() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        for flag in ("dsv2_int4_gemv_fast", "dsv2_int8_gemv_bf16_fast"):
+        for flag in ("dsv2_int4_gemv_fast", "dsv2_int8_gemv_bf16_fast", "dsv2_q8_fast"):
             getattr(lib, flag).argtypes, getattr(lib, flag).restype = [], _int
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
@@ -226,6 +229,54 @@ def int4_gemv(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch
     y = torch.empty(m, np_, dtype=torch.float32)
     lib.dsv2_int4_gemv(_ptr(x), _ptr(packed), _ptr(sz), _ptr(xs), _ptr(y), m, np_, kp, group_size,
                        torch.get_num_threads())
+    return y
+
+
+def fast_q8(lib: ctypes.CDLL) -> bool:
+    """Whether this build's int8-activation kernels have their vector path (AVX2); elsewhere they are plain
+    loops that tests call but the kernels do not."""
+    return bool(lib.dsv2_q8_fast())
+
+
+def quant_q8(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M,K) fp32/bf16 -> (xq (M,K) int8, d (M, ceil(K/32)) fp32): int8 codes per 32 columns, d = amax/127."""
+    x = _gemv_input(x)
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8)
+    d = torch.empty(m, -(-k // 32), dtype=torch.float32)
+    lib.dsv2_quant_q8(_ptr(x), int(x.dtype == torch.bfloat16), _ptr(xq), _ptr(d), m, k)
+    return xq, d
+
+
+def int8_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M,K) fp32/bf16 -> (M,N) fp32 = round_q8(x) @ (q·scale)ᵀ by integer dot products."""
+    xq, d = quant_q8(lib, x)
+    q, scale = q.contiguous(), scale.contiguous()
+    m, k = xq.shape
+    n = q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.dsv2_int8_gemv_q8(_ptr(xq), _ptr(d), _ptr(q), _ptr(scale), _scale_flag(scale), _ptr(y), m, n, k,
+                          torch.get_num_threads())
+    return y
+
+
+def int4_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
+                 ) -> torch.Tensor:
+    """x (M, Kp) fp32/bf16 -> (M, Np) fp32 = round_q8(x) @ Wᵀ for the packed int4 weight with bf16
+    scales_and_zeros (the zero-point term from the exact x)."""
+    if sz.dtype != torch.bfloat16:
+        raise TypeError(f"the int4 int8-activation GEMV takes bf16 scales, got {sz.dtype}")
+    x, packed, sz = _gemv_input(x), packed.contiguous(), sz.contiguous()
+    m, kp = x.shape
+    np_ = packed.shape[0]
+    if packed.shape[1] * 2 != kp:
+        raise ValueError(f"activations have {kp} columns, the packed weight {packed.shape[1] * 2}")
+    xq = torch.empty(m, kp, dtype=torch.int8)
+    d = torch.empty(m, kp // 32, dtype=torch.float32)
+    xs = torch.empty(m, kp // group_size, dtype=torch.float32)
+    y = torch.empty(m, np_, dtype=torch.float32)
+    lib.dsv2_int4_gemv_q8(_ptr(x), int(x.dtype == torch.bfloat16), _ptr(packed), _ptr(sz), _ptr(xq), _ptr(d),
+                          _ptr(xs), _ptr(y), m, np_, kp, group_size, torch.get_num_threads())
     return y
 
 

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from dsv2.engine.cli import add_engine_args, load_checkpoint
+from dsv2.engine.cli import add_engine_args, engine_kwargs, load_checkpoint
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -50,14 +50,6 @@ def model_name(folder: Path) -> str:
     return folder.name
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    """EngineConfig fields from the flags `dsv2 generate` shares with serve."""
-    return dict(kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory, max_batch=args.max_batch,
-                max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
-                rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk,
-                resident=not args.no_resident)
-
-
 def build_state(args: argparse.Namespace):
     """Load the checkpoint and build the engine, its loop and the app state (nothing runs yet)."""
     from dsv2.checkpoint import read_config
@@ -77,7 +69,7 @@ def build_state(args: argparse.Namespace):
     template = ChatTemplate.from_folder(folder)
     model, tokenizer, _, _ = load_checkpoint(folder, cfg, args.dtype, args.device, args.weights,
                                               args.group_size)
-    engine = Engine(model, **_engine_kwargs(args))
+    engine = Engine(model, **engine_kwargs(args))
     if args.show_config:
         print(f"engine:\n{engine.config.describe()}", file=sys.stderr)
     metrics = ServerMetrics()
