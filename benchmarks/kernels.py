@@ -177,7 +177,7 @@ def int4_q8_gemv(w4: Int4Weight, x: torch.Tensor) -> torch.Tensor:
     try:
         return w4.mm(x, True)
     finally:
-        kernels.INT4_Q8_ROWS = saved
+        kernels.INT4_Q8_ROWS = saved  # (the AVX2 build's own limit, INT4_Q8_ROWS_AVX2, is already none)
 
 
 def packed(lin: CpuLinear, x: torch.Tensor) -> torch.Tensor:

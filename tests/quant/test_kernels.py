@@ -17,6 +17,7 @@ from dsv2.quant.kernels import (
     INT4_DEQUANT_ROWS,
     INT4_GEMV_ROWS,
     INT4_Q8_ROWS,
+    INT4_Q8_ROWS_AVX2,
     INT8_DEQUANT_ROWS,
     INT8_Q8_ROWS,
     Int4Weight,
@@ -488,14 +489,33 @@ def test_linear_with_int8_activations_is_the_product_of_the_rounded_activations(
     deq = mod.weight.double()  # (n,k): what the exact product multiplies by
     lib = native.library()
     gemv4 = weights == "int4" and dtype == torch.bfloat16 and lib is not None and native.fast_q8(lib)
+    gemv4_rows = INT4_Q8_ROWS_AVX2 if gemv4 and native.int4_gemv_kind(lib) == 2 else INT4_Q8_ROWS
     for m in (1, 5, INT8_Q8_ROWS + 3, INT4_Q8_ROWS + 3):
         x = _x(m, k, dtype)
         xr = _rounded64(x)
         ref = xr @ deq.T
-        if gemv4 and m <= INT4_Q8_ROWS:
+        if gemv4 and m <= gemv4_rows:
             sz = mod.scales_and_zeros.double()[:, :n]  # (K/32,n,2)
             ref += (x.double() - xr).view(m, -1, 32).sum(-1) @ (sz[..., 1] - 8 * sz[..., 0])
         y = mod(x)
         assert y.dtype == dtype and y.shape == (m, n)
         assert (y.double() - ref).abs().max() <= _tol(dtype, ref), m
     assert "int8 activations" in repr(mod)
+
+
+def test_c_rounded_activations_are_the_torch_ones(kernels: str) -> None:
+    """dsv2_round_q8 (the activations of the rows that take the exact path): codes · d as the PyTorch rounding
+    computes them, in fp32 bit for bit and in bf16 rounded once, a last block of 8 columns included."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    x = _x(6, 104, torch.float32) * 3
+    x[1, 32:64] = 0
+    codes, d = quantize_activations_q8(x)
+    want = codes.float() * d.repeat_interleave(32, dim=1)[:, :104]
+    assert torch.equal(native.round_q8(lib, x), want)
+    xb = x.bfloat16()
+    codes, d = quantize_activations_q8(xb)
+    want = (codes.float() * d.repeat_interleave(32, dim=1)[:, :104]).bfloat16()
+    got = native.round_q8(lib, xb)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

@@ -760,6 +760,35 @@ void dsv2_quant_q8(const void *x, int x_bf16, int8_t *xq, float *xd, int64_t M, 
         }
 }
 
+/* x (M, K) replaced by its rounded copy q * d (dsv2_quant_q8's q and d, the product in fp32) into out, fp32 or
+ * bf16 (rounded to nearest even): the activations of the rows that take the exact path; one row per thread */
+void dsv2_round_q8(const void *x, int x_bf16, void *out, int out_bf16, int64_t M, int64_t K, int nthreads) {
+    const int64_t nb = (K + 31) / 32;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        int8_t q[32];
+        float d;
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t k0 = m * K + b * 32, n = K - b * 32 < 32 ? K - b * 32 : 32;
+            float v[32], amax = 0.f;
+            for (int64_t i = 0; i < n; i++) {
+                v[i] = load(x, k0 + i, x_bf16);
+                amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+            }
+            d = amax / 127.f;
+            const float id = d > 0.f ? 1.f / d : 0.f;
+            for (int64_t i = 0; i < n; i++) q[i] = (int8_t)__builtin_rintf(v[i] * id);
+            for (int64_t i = 0; i < n; i++) {
+                const float r = (float)q[i] * d;
+                if (out_bf16)
+                    ((uint16_t *)out)[k0 + i] = f2bf(r);
+                else
+                    ((float *)out)[k0 + i] = r;
+            }
+        }
+    }
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #define Q8_FAST 1
 static inline float hsum256(__m256 a) {

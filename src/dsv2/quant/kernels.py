@@ -40,9 +40,11 @@ INT8_DEQUANT_ROWS = 16
 INT8_BF16_ROWS, INT8_BF16_K = 2, 4096
 INT4_DEQUANT_ROWS = 24
 # int8 activations: the integer-dot-product GEMVs up to these many rows, above them the rounded x goes the
-# exact way (panels and the dense GEMM)
+# exact way (panels and the dense GEMM). Where the kernels are the AVX2 build (no AVX512_BF16), int4 takes
+# every row count: at 512 rows it ran 1.15-1.6x the panels (2 Zen 4 cores capped at AVX2, 144-184 GFLOPS).
 INT8_Q8_ROWS = 32
 INT4_Q8_ROWS = 128
+INT4_Q8_ROWS_AVX2 = 1 << 30
 Q8_BLOCK = 32
 # bf16 activations and scales, on CPUs with AVX512_BF16 + VBMI: dsv2's int4 GEMV (the codes become bf16 in
 # registers, one dot-product instruction per 32 multiply-adds; a 64-row block stays in L2 while every 4 rows
@@ -52,6 +54,10 @@ Q8_BLOCK = 32
 INT4_GEMV_ROWS = 128
 _FALLBACK_DEQUANT_ROWS = {"int8": 128, "int4": 192}
 _PANEL = 1 << 20  # weight elements dequantised per panel (2 MiB in bf16: stays in the L2/L3 cache)
+# ... but never fewer rows than this: a panel of 64 rows (1M elements at K = 10,944) left the GEMM at 55-60%
+# of its speed on 384+ rows (512-row x 2,048 x 10,944 product, 2 Zen 4 cores: 72 -> 123 GFLOPS capped at
+# AVX2, 204 -> 322 native)
+_PANEL_MIN_ROWS = 384
 
 
 class QuantError(ValueError):
@@ -96,7 +102,7 @@ def panel_mm(x: torch.Tensor, n: int, dequant: Callable[[int, int, torch.Tensor]
     dt = _gemm_dtype(x)
     k = x.shape[1]
     xt = x.to(dt).t()  # (K,M)
-    rows = max(64, _PANEL // k // 64 * 64)
+    rows = max(_PANEL_MIN_ROWS, _PANEL // k // 64 * 64)
     buf = torch.empty(min(rows, n), k, dtype=dt, device=x.device)
     yt = torch.empty(n, x.shape[0], dtype=dt, device=x.device)  # (N,M): each panel's rows are contiguous
     for r0 in range(0, n, rows):
@@ -121,7 +127,10 @@ def quantize_activations_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def round_activations_q8(x: torch.Tensor) -> torch.Tensor:
     """x (M,K) replaced by its int8-rounded copy codes · d, in x.dtype: what the int8-activation kernels
-    multiply, for the rows that go another way (many rows; no C kernels)."""
+    multiply, for the rows that go another way (many rows; no C kernels). One pass in C where it is built."""
+    lib = native.library() if native.supports(x) else None
+    if lib is not None:
+        return native.round_q8(lib, x)
     codes, d = quantize_activations_q8(x)
     k = x.shape[1]
     return (codes.float() * d.repeat_interleave(Q8_BLOCK, dim=1)[:, :k]).to(x.dtype)
@@ -289,8 +298,8 @@ class Int4Weight:
         lib = native.library() if native.supports(x, self.scales_and_zeros) else None
         kp = self.packed.shape[1] * 2
         if int8_act:
-            if (lib is not None and x.shape[0] <= INT4_Q8_ROWS and self.scales_and_zeros.dtype == torch.bfloat16
-                    and native.fast_q8(lib)):
+            if (lib is not None and self.scales_and_zeros.dtype == torch.bfloat16 and native.fast_q8(lib)
+                    and x.shape[0] <= (INT4_Q8_ROWS_AVX2 if native.int4_gemv_kind(lib) == 2 else INT4_Q8_ROWS)):
                 xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # zero columns: same codes, same sums
                 y = native.int4_gemv_q8(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
                 return y if y.shape[1] == self.n else y[:, : self.n]

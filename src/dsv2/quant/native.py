@@ -42,6 +42,7 @@ _SIGNATURES = {
     "dsv2_int4_gemv": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
     "dsv2_latent_decode_bf16": [_p, _i64, _i64, _i64, _p, _p, _i64, _i64, ctypes.c_float, _p, _int],
     "dsv2_quant_q8": [_p, _int, _p, _p, _i64, _i64],
+    "dsv2_round_q8": [_p, _int, _p, _int, _i64, _i64, _int],
     "dsv2_int8_gemv_q8": [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
     "dsv2_int4_gemv_q8": [_p, _int, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
 }
@@ -215,6 +216,11 @@ def fast_int4_gemv(lib: ctypes.CDLL) -> bool:
     return bool(lib.dsv2_int4_gemv_fast())
 
 
+def int4_gemv_kind(lib: ctypes.CDLL) -> int:
+    """Which vector path this build's int4 GEMV has: 1 AVX512_BF16 + VBMI, 2 AVX2 + FMA, 0 none."""
+    return int(lib.dsv2_int4_gemv_fast())
+
+
 def int4_gemv(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
               ) -> torch.Tensor:
     """x (M, Kp) bf16 -> (M, Np) fp32 = x @ Wᵀ for the packed int4 weight (Np, Kp/2) with bf16 scales_and_zeros."""
@@ -246,6 +252,15 @@ def quant_q8(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     d = torch.empty(m, -(-k // 32), dtype=torch.float32)
     lib.dsv2_quant_q8(_ptr(x), int(x.dtype == torch.bfloat16), _ptr(xq), _ptr(d), m, k)
     return xq, d
+
+
+def round_q8(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """x (M,K) fp32/bf16 -> its rounded copy codes·d (as `quant_q8` rounds it) in x's dtype."""
+    x = _gemv_input(x)
+    out = torch.empty_like(x)
+    lib.dsv2_round_q8(_ptr(x), int(x.dtype == torch.bfloat16), _ptr(out), int(x.dtype == torch.bfloat16),
+                      x.shape[0], x.shape[1], torch.get_num_threads())
+    return out
 
 
 def int8_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
