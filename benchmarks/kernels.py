@@ -12,8 +12,8 @@ is faster). Random weights; the kernels' results are checked against float64 in 
 GEMMs are not native (AVX2), also: 2-16 bf16 rows through the C GEMV against CpuLinear's packed fp32 copy,
 and one sequence's MLA decode attention in C against upcasting its rows for two PyTorch GEMMs. The opt-in
 int8-activation GEMVs (integer dot products on activations rounded to int8) against the exact ones, and at
-their row limits against the rounded activations' exact path (panels + GEMM). `--only int8act` (or
-int4 / int8 / bf16 / emulated) runs one section.
+their row limits against the rounded activations' exact path (panels + GEMM); dequantised panels of 384+ rows
+against 1M-element ones. `--only int8act` (or int4 / int8 / bf16 / emulated / panels) runs one section.
 """
 
 from __future__ import annotations
@@ -136,6 +136,15 @@ def emulated_bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
         t = best({"upcast + GEMMs": lambda q=q, ch=chunks, sc=scratch: latent_decode_upcast(q, ch, c, 0.04, sc),
                   "dsv2": lambda q=q, pool=pool: native.latent_decode_bf16(lib, q, [pool], c, 0.04)}, calls=5)
         row(f"MLA decode attention, {s} rows", "upcast + GEMMs", "dsv2", t)
+    # the absorbed W_UK product of a decode step in fp32 rows (the engine's upcast attention): a cached fp32
+    # copy through torch.bmm (before) against the bf16 weight as stored in the C GEMV (CpuMLA)
+    w_uk_t = (torch.randn(16, 512, 128, generator=g) * 0.05).bfloat16()  # (H,C,Dn), W_UKᵀ of one layer
+    w_uk_f = w_uk_t.float()
+    for m in (1, 4, 16):
+        qn = torch.randn(16, m, 128, generator=g)
+        t = best({"fp32 copy + bmm": lambda qn=qn: torch.bmm(qn, w_uk_f.transpose(1, 2)),
+                  "dsv2": lambda qn=qn: precision.bmm_nt(qn, w_uk_t)}, calls=20)
+        row(f"MLA W_UK, 16 heads x 512 x 128, {m} fp32 row(s)", "fp32 copy + bmm", "dsv2", t)
 
 
 def int8act_rows(lib, g: torch.Generator, n: int, k: int) -> None:
@@ -171,13 +180,31 @@ def int8act_rows(lib, g: torch.Generator, n: int, k: int) -> None:
                 row(f"int4 g{gs} {nk[0]} x {nk[1]}, {m} rows", "rounded + exact", "int8 act", t)
 
 
+def panel_rows(lib, g: torch.Generator, n: int, k: int) -> None:
+    """Dequantised panels of at least 384 rows against the 1M-element panels they replaced (64 rows at
+    K = 10,944), on the MLP's two shapes: the whole quantised product above the GEMV's row limits."""
+    for nk in ((10_944, 2_048), (2_048, 10_944)):
+        w4 = Int4Weight.quantize(torch.randn(*nk, generator=g) * 0.05, 128, torch.bfloat16)
+        for m in (64, 512):
+            x = torch.randn(m, nk[1], generator=g).bfloat16()
+
+            def old(x: torch.Tensor = x, w4: Int4Weight = w4) -> torch.Tensor:
+                saved, kernels._PANEL_MIN_ROWS = kernels._PANEL_MIN_ROWS, 64
+                try:
+                    return w4._panels(lib, x)
+                finally:
+                    kernels._PANEL_MIN_ROWS = saved
+            t = best({"1M panels": old, "384+ rows": lambda x=x, w4=w4: w4._panels(lib, x)}, rounds=2, calls=1)
+            row(f"int4 g128 panels {nk[0]} x {nk[1]}, {m} rows", "1M panels", "384+ rows", t)
+
+
 def int4_q8_gemv(w4: Int4Weight, x: torch.Tensor) -> torch.Tensor:
     """The int4 int8-activation GEMV at any row count (its row limit lifted for the call)."""
     saved, kernels.INT4_Q8_ROWS = kernels.INT4_Q8_ROWS, 1 << 30
     try:
         return w4.mm(x, True)
     finally:
-        kernels.INT4_Q8_ROWS = saved  # (the AVX2 build's own limit, INT4_Q8_ROWS_AVX2, is already none)
+        kernels.INT4_Q8_ROWS = saved  # (the AVX2 build has no limit: Q8_ROWS_AVX2)
 
 
 def packed(lin: CpuLinear, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +231,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     sections = {"int4": int4_rows, "int8": int8_rows, "bf16": bf16_rows, "emulated": emulated_bf16_rows,
-                "int8act": int8act_rows}
+                "int8act": int8act_rows, "panels": panel_rows}
     ap.add_argument("--only", choices=sorted(sections), default=None, help="run one section")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -17,9 +17,9 @@ from dsv2.quant.kernels import (
     INT4_DEQUANT_ROWS,
     INT4_GEMV_ROWS,
     INT4_Q8_ROWS,
-    INT4_Q8_ROWS_AVX2,
     INT8_DEQUANT_ROWS,
     INT8_Q8_ROWS,
+    Q8_ROWS_AVX2,
     Int4Weight,
     aten_int4_layout,
     pack_int4,
@@ -430,9 +430,9 @@ def test_activation_rounding_is_q8_and_c_agrees_bit_for_bit(kernels: str) -> Non
 
 
 def test_c_int8_gemv_q8_matches_float64(kernels: str) -> None:
-    """dsv2_int8_gemv_q8: 1..9 rows (row tiles of 4), 104 columns (a last block of 8), fp32 / bf16 x and
-    scales, against the float64 product of the rounded activations: the integer sums are exact, so only
-    the fp32 accumulation of the blocks differs."""
+    """dsv2_int8_gemv_q8: 1..9 rows (row tiles of 4) and 33 / 40 (two weight rows at a time, an odd last
+    one), 104 columns (a last block of 8), fp32 / bf16 x and scales, against the float64 product of the
+    rounded activations: the integer sums are exact, so only the fp32 accumulation of the blocks differs."""
     if kernels != "C":
         pytest.skip("C kernels only")
     lib = native.library()
@@ -440,7 +440,7 @@ def test_c_int8_gemv_q8_matches_float64(kernels: str) -> None:
     q[0, :4] = torch.tensor([-127, 127, 0, -1], dtype=torch.int8)
     for scale in (s, s.bfloat16()):
         deq = q.double() * scale.double()[:, None]
-        for m in range(1, 10):
+        for m in (*range(1, 10), 33, 40):
             for dt in (torch.float32, torch.bfloat16):
                 x = _x(m, 104, dt)
                 ref = _rounded64(x) @ deq.T
@@ -489,7 +489,7 @@ def test_linear_with_int8_activations_is_the_product_of_the_rounded_activations(
     deq = mod.weight.double()  # (n,k): what the exact product multiplies by
     lib = native.library()
     gemv4 = weights == "int4" and dtype == torch.bfloat16 and lib is not None and native.fast_q8(lib)
-    gemv4_rows = INT4_Q8_ROWS_AVX2 if gemv4 and native.int4_gemv_kind(lib) == 2 else INT4_Q8_ROWS
+    gemv4_rows = Q8_ROWS_AVX2 if gemv4 and native.int4_gemv_kind(lib) == 2 else INT4_Q8_ROWS
     for m in (1, 5, INT8_Q8_ROWS + 3, INT4_Q8_ROWS + 3):
         x = _x(m, k, dtype)
         xr = _rounded64(x)

@@ -40,11 +40,12 @@ INT8_DEQUANT_ROWS = 16
 INT8_BF16_ROWS, INT8_BF16_K = 2, 4096
 INT4_DEQUANT_ROWS = 24
 # int8 activations: the integer-dot-product GEMVs up to these many rows, above them the rounded x goes the
-# exact way (panels and the dense GEMM). Where the kernels are the AVX2 build (no AVX512_BF16), int4 takes
-# every row count: at 512 rows it ran 1.15-1.6x the panels (2 Zen 4 cores capped at AVX2, 144-184 GFLOPS).
+# exact way (panels and the dense GEMM). Where the kernels are the AVX2 build (no AVX512_BF16) they take
+# every row count: at 512 rows int4 ran 144-184 GFLOPS and int8 150-163 against the panels' ~125-145 (2 Zen 4
+# cores capped at AVX2).
 INT8_Q8_ROWS = 32
 INT4_Q8_ROWS = 128
-INT4_Q8_ROWS_AVX2 = 1 << 30
+Q8_ROWS_AVX2 = 1 << 30
 Q8_BLOCK = 32
 # bf16 activations and scales, on CPUs with AVX512_BF16 + VBMI: dsv2's int4 GEMV (the codes become bf16 in
 # registers, one dot-product instruction per 32 multiply-adds; a 64-row block stays in L2 while every 4 rows
@@ -140,7 +141,8 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_act: boo
     """x (M,K) @ dequant(q)ᵀ -> (M,N) in x.dtype; scale must be in x.dtype. int8_act: x rounded to int8 first."""
     lib = native.library() if native.supports(x, scale) else None
     if int8_act:
-        if lib is not None and x.shape[0] <= INT8_Q8_ROWS and native.fast_q8(lib):
+        if (lib is not None and native.fast_q8(lib)
+                and x.shape[0] <= (Q8_ROWS_AVX2 if native.int4_gemv_kind(lib) == 2 else INT8_Q8_ROWS)):
             return native.int8_gemv_q8(lib, x, q, scale).to(x.dtype)
         x = round_activations_q8(x)
     if lib is None:
@@ -299,7 +301,7 @@ class Int4Weight:
         kp = self.packed.shape[1] * 2
         if int8_act:
             if (lib is not None and self.scales_and_zeros.dtype == torch.bfloat16 and native.fast_q8(lib)
-                    and x.shape[0] <= (INT4_Q8_ROWS_AVX2 if native.int4_gemv_kind(lib) == 2 else INT4_Q8_ROWS)):
+                    and x.shape[0] <= (Q8_ROWS_AVX2 if native.int4_gemv_kind(lib) == 2 else INT4_Q8_ROWS)):
                 xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # zero columns: same codes, same sums
                 y = native.int4_gemv_q8(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
                 return y if y.shape[1] == self.n else y[:, : self.n]

@@ -217,7 +217,8 @@ def fast_int4_gemv(lib: ctypes.CDLL) -> bool:
 
 
 def int4_gemv_kind(lib: ctypes.CDLL) -> int:
-    """Which vector path this build's int4 GEMV has: 1 AVX512_BF16 + VBMI, 2 AVX2 + FMA, 0 none."""
+    """Which vector path this build's int4 GEMV has: 1 AVX512_BF16 + VBMI, 2 AVX2 + FMA (the build for CPUs
+    without native bf16), 0 none."""
     return int(lib.dsv2_int4_gemv_fast())
 
 
