@@ -493,8 +493,21 @@ void dsv2_int4_dequant(const uint8_t *packed, const void *sz, int sz_bf16, void 
  * permutation, a shift and a bit-select, and two k columns of 16 rows meet their two activations in one
  * vdpbf16ps (the 128 * sum_k x it adds is taken out with the group's zero term); elsewhere, and for the
  * short last block, the plain loop below. */
-static void int4_block_ref(const uint16_t *x, const float *xs, const uint8_t *packed, const uint16_t *sz,
-                           float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int64_t b) {
+/* xs (M, Kp / g): the sums of x (M, Kp), fp32 or bf16, over each group of g columns (the int4 zero terms) */
+static void int4_group_sums(const void *x, int x_bf16, float *xs, int64_t M, int64_t Kp, int64_t g) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < Kp / g; i++) {
+            float s = 0.f;
+            for (int64_t k = i * g; k < (i + 1) * g; k++) s += load(x, m * Kp + k, x_bf16);
+            xs[m * (Kp / g) + i] = s;
+        }
+}
+
+static void int4_block_ref(const uint16_t *x, const int8_t *xq, const float *xd, const float *xs,
+                           const uint8_t *packed, const uint16_t *sz, float *y, int64_t M, int64_t Np, int64_t Kp,
+                           int64_t g, int64_t b) {
+    /* x (bf16) for the exact product; or xq / xd, x rounded to int8 per 32 columns (dsv2_quant_q8): then
+       scale * sum_b d_b * sum_{k in b} q_k xq_k, the zero term still from the exact sums xs */
     const int64_t full = Np / 64, rows = b < full ? 64 : Np - full * 64, half = rows / 2;
     const uint8_t *bp = packed + b * 32 * Kp;
     const int64_t bytes_per_k = b < full ? 32 : half;
@@ -510,8 +523,17 @@ static void int4_block_ref(const uint16_t *x, const float *xs, const uint8_t *pa
                 const int64_t i = ((k0 / g) * Np + r) * 2;
                 const float s = bf2f(sz[i]), z = bf2f(sz[i + 1]);
                 float dot = 0.f;
-                for (int64_t k = k0; k < k0 + g; k++)
-                    dot += (float)((bp[k * bytes_per_k + byte] >> shift) & 15) * bf2f(x[m * Kp + k]);
+                for (int64_t kb = k0; kb < k0 + g; kb += 32) {
+                    if (xq) {
+                        int32_t t = 0;
+                        for (int64_t k = kb; k < kb + 32; k++)
+                            t += (int32_t)((bp[k * bytes_per_k + byte] >> shift) & 15) * xq[m * Kp + k];
+                        dot += (float)t * xd[m * (Kp / 32) + kb / 32];
+                    } else {
+                        for (int64_t k = kb; k < kb + 32; k++)
+                            dot += (float)((bp[k * bytes_per_k + byte] >> shift) & 15) * bf2f(x[m * Kp + k]);
+                    }
+                }
                 acc += s * dot + (z - 8.f * s) * xs[m * (Kp / g) + k0 / g];
             }
             y[m * Np + r] = acc;
@@ -694,12 +716,7 @@ int dsv2_int4_gemv_fast(void) { return INT4_GEMV_FAST; }
 void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, float *xs, float *y, int64_t M,
                     int64_t Np, int64_t Kp, int64_t g, int nthreads) {
     const int64_t ng = Kp / g, nb = (Np + 63) / 64;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t i = 0; i < ng; i++) {
-            float s = 0.f;
-            for (int64_t k = i * g; k < (i + 1) * g; k++) s += bf2f(x[m * Kp + k]);
-            xs[m * ng + i] = s;
-        }
+    int4_group_sums(x, 1, xs, M, Kp, g);
 #if INT4_GEMV_FAST == 2
     float *xf = (float *)malloc((size_t)(M * Kp) * sizeof(float));
     if (!xf) { /* cannot happen for a GEMV's rows; leave y as NaN rather than crash */
@@ -725,7 +742,7 @@ void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz
             continue;
         }
 #endif
-        int4_block_ref(x, xs, packed, sz, y, M, Np, Kp, g, b);
+        int4_block_ref(x, NULL, NULL, xs, packed, sz, y, M, Np, Kp, g, b);
     }
 #if INT4_GEMV_FAST == 2
     free(xf);
@@ -742,21 +759,27 @@ void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz
  * int16) without conversion. The result is that of the exact product with x replaced by its rounded copy
  * xq * d, up to fp32 summation order; int4's zero-point term uses the exact group sums of x. */
 
-/* x (M, K) fp32 or bf16 -> xq (M, K) int8 and xd (M, ceil(K / 32)) fp32: per 32 columns (a last block may be
- * shorter) d = amax / 127 and q = rint(x * (1 / d)), nearest even (a block of zeros: d = 0, q = 0) */
+/* one block of n <= 32 values x[k0 .. k0 + n) rounded: q = rint(x * (1 / d)) to nearest even, d = amax / 127
+ * returned (a block of zeros: d = 0, q = 0) */
+static inline float q8_block(const void *x, int x_bf16, int64_t k0, int64_t n, int8_t *q) {
+    float v[32], amax = 0.f;
+    for (int64_t i = 0; i < n; i++) {
+        v[i] = load(x, k0 + i, x_bf16);
+        amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+    }
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    for (int64_t i = 0; i < n; i++) q[i] = (int8_t)__builtin_rintf(v[i] * id);
+    return d;
+}
+
+/* x (M, K) fp32 or bf16 -> xq (M, K) int8 and xd (M, ceil(K / 32)) fp32, per 32 columns (a last block may be
+ * shorter) */
 void dsv2_quant_q8(const void *x, int x_bf16, int8_t *xq, float *xd, int64_t M, int64_t K) {
     const int64_t nb = (K + 31) / 32;
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < nb; b++) {
-            const int64_t k0 = m * K + b * 32, n = K - b * 32 < 32 ? K - b * 32 : 32;
-            float v[32], amax = 0.f;
-            for (int64_t i = 0; i < n; i++) {
-                v[i] = load(x, k0 + i, x_bf16);
-                amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-            }
-            const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-            xd[m * nb + b] = d;
-            for (int64_t i = 0; i < n; i++) xq[k0 + i] = (int8_t)__builtin_rintf(v[i] * id);
+            const int64_t k0 = m * K + b * 32;
+            xd[m * nb + b] = q8_block(x, x_bf16, k0, K - b * 32 < 32 ? K - b * 32 : 32, xq + k0);
         }
 }
 
@@ -765,19 +788,11 @@ void dsv2_quant_q8(const void *x, int x_bf16, int8_t *xq, float *xd, int64_t M, 
 void dsv2_round_q8(const void *x, int x_bf16, void *out, int out_bf16, int64_t M, int64_t K, int nthreads) {
     const int64_t nb = (K + 31) / 32;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        int8_t q[32];
-        float d;
+    for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < nb; b++) {
             const int64_t k0 = m * K + b * 32, n = K - b * 32 < 32 ? K - b * 32 : 32;
-            float v[32], amax = 0.f;
-            for (int64_t i = 0; i < n; i++) {
-                v[i] = load(x, k0 + i, x_bf16);
-                amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-            }
-            d = amax / 127.f;
-            const float id = d > 0.f ? 1.f / d : 0.f;
-            for (int64_t i = 0; i < n; i++) q[i] = (int8_t)__builtin_rintf(v[i] * id);
+            int8_t q[32];
+            const float d = q8_block(x, x_bf16, k0, n, q);
             for (int64_t i = 0; i < n; i++) {
                 const float r = (float)q[i] * d;
                 if (out_bf16)
@@ -786,7 +801,6 @@ void dsv2_round_q8(const void *x, int x_bf16, void *out, int out_bf16, int64_t M
                     ((float *)out)[k0 + i] = r;
             }
         }
-    }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -895,36 +909,6 @@ void dsv2_int8_gemv_q8(const int8_t *xq, const float *xd, const int8_t *q, const
     }
 }
 
-/* int4 weights (dsv2's layout, bf16 sz) against rounded activations: per group
- *   y += scale * sum_b d_b * sum_{k in b} q_k xq_k + (zero - 8 * scale) * sum_k x_k,
- * the last sum over the exact x (xs). The plain loop, for any block (the short last one too). */
-static void int4q8_block_ref(const int8_t *xq, const float *xd, const float *xs, const uint8_t *packed,
-                             const uint16_t *sz, float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int64_t b) {
-    const int64_t full = Np / 64, rows = b < full ? 64 : Np - full * 64, half = rows / 2, nb = Kp / 32;
-    const uint8_t *bp = packed + b * 32 * Kp;
-    const int64_t bytes_per_k = b < full ? 32 : half;
-    for (int64_t j = 0; j < rows; j++) {
-        const int64_t r = b * 64 + j, byte = rows == 64 ? j % 32 : j / 2;
-        const int shift = (rows == 64 ? j >= 32 : j % 2) ? 4 : 0;
-        for (int64_t m = 0; m < M; m++) {
-            float acc = 0.f;
-            for (int64_t k0 = 0; k0 < Kp; k0 += g) {
-                const int64_t i = ((k0 / g) * Np + r) * 2;
-                const float s = bf2f(sz[i]), z = bf2f(sz[i + 1]);
-                float dot = 0.f;
-                for (int64_t kb = k0; kb < k0 + g; kb += 32) {
-                    int32_t t = 0;
-                    for (int64_t k = kb; k < kb + 32; k++)
-                        t += (int32_t)((bp[k * bytes_per_k + byte] >> shift) & 15) * xq[m * Kp + k];
-                    dot += (float)t * xd[m * nb + kb / 32];
-                }
-                acc += s * dot + (z - 8.f * s) * xs[m * (Kp / g) + k0 / g];
-            }
-            y[m * Np + r] = acc;
-        }
-    }
-}
-
 #if Q8_FAST
 static inline __m256i q8_pair(const int8_t *p) { /* x_k, x_k+1 in every 16-bit lane */
     int16_t v;
@@ -1023,12 +1007,7 @@ static inline __attribute__((always_inline)) void int4q8_block_q(const int8_t *x
 void dsv2_int4_gemv_q8(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *sz, int8_t *xq, float *xd,
                        float *xs, float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int nthreads) {
     const int64_t ng = Kp / g, nb = (Np + 63) / 64;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t i = 0; i < ng; i++) {
-            float s = 0.f;
-            for (int64_t k = i * g; k < (i + 1) * g; k++) s += load(x, m * Kp + k, x_bf16);
-            xs[m * ng + i] = s;
-        }
+    int4_group_sums(x, x_bf16, xs, M, Kp, g);
     dsv2_quant_q8(x, x_bf16, xq, xd, M, Kp);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < nb; b++) {
@@ -1051,7 +1030,7 @@ void dsv2_int4_gemv_q8(const void *x, int x_bf16, const uint8_t *packed, const u
             continue;
         }
 #endif
-        int4q8_block_ref(xq, xd, xs, packed, sz, y, M, Np, Kp, g, b);
+        int4_block_ref(NULL, xq, xd, xs, packed, sz, y, M, Np, Kp, g, b);
     }
 }
 
