@@ -715,7 +715,7 @@ int dsv2_int4_gemv_fast(void) { return INT4_GEMV_FAST; }
 
 void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, float *xs, float *y, int64_t M,
                     int64_t Np, int64_t Kp, int64_t g, int nthreads) {
-    const int64_t ng = Kp / g, nb = (Np + 63) / 64;
+    const int64_t nb = (Np + 63) / 64;
     int4_group_sums(x, 1, xs, M, Kp, g);
 #if INT4_GEMV_FAST == 2
     float *xf = (float *)malloc((size_t)(M * Kp) * sizeof(float));
@@ -737,7 +737,7 @@ void dsv2_int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz
                 float *yb = y + m0 * Np + b * 64;
                 const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
                 for (int m = 0; m < mc; m++) memset(yb + m * Np, 0, 64 * sizeof(float));
-                int4_tile(xv + m0 * Kp, xs + m0 * ng, bp, sz, y + m0 * Np, mc, Np, Kp, g, b * 64);
+                int4_tile(xv + m0 * Kp, xs + m0 * (Kp / g), bp, sz, y + m0 * Np, mc, Np, Kp, g, b * 64);
             }
             continue;
         }
@@ -1006,7 +1006,7 @@ static inline __attribute__((always_inline)) void int4q8_block_q(const int8_t *x
  * bf16 (x_bf16) or fp32. */
 void dsv2_int4_gemv_q8(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *sz, int8_t *xq, float *xd,
                        float *xs, float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int nthreads) {
-    const int64_t ng = Kp / g, nb = (Np + 63) / 64;
+    const int64_t nb = (Np + 63) / 64;
     int4_group_sums(x, x_bf16, xs, M, Kp, g);
     dsv2_quant_q8(x, x_bf16, xq, xd, M, Kp);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -1018,7 +1018,7 @@ void dsv2_int4_gemv_q8(const void *x, int x_bf16, const uint8_t *packed, const u
                 const int mc = M - m0 < 4 ? (int)(M - m0) : 4;
                 for (int m = 0; m < mc; m++) memset(y + (m0 + m) * Np + b * 64, 0, 64 * sizeof(float));
                 const int8_t *xm = xq + m0 * Kp;
-                const float *dm = xd + m0 * (Kp / 32), *sm = xs + m0 * ng;
+                const float *dm = xd + m0 * (Kp / 32), *sm = xs + m0 * (Kp / g);
                 float *ym = y + m0 * Np;
                 switch (mc) {
                     case 1: int4q8_block_1(xm, dm, sm, bp, sz, ym, Np, Kp, g, b * 64); break;
