@@ -66,11 +66,12 @@ def int4_rows(lib, g: torch.Generator, n: int, k: int) -> None:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, theirs, gs, w4.scales_and_zeros)
 
         def panels(x: torch.Tensor, w4: Int4Weight = w4) -> torch.Tensor:  # the dequantise + GEMM path
-            saved, kernels.INT4_GEMV_ROWS = kernels.INT4_GEMV_ROWS, 0
+            saved = kernels.INT4_GEMV_ROWS, kernels.INT4_GEMV_ROWS_AVX2
+            kernels.INT4_GEMV_ROWS = kernels.INT4_GEMV_ROWS_AVX2 = 0
             try:
                 return w4.mm(x)
             finally:
-                kernels.INT4_GEMV_ROWS = saved
+                kernels.INT4_GEMV_ROWS, kernels.INT4_GEMV_ROWS_AVX2 = saved
 
         for m in (1, 4, 16):
             x = torch.randn(m, k, generator=g).bfloat16()

@@ -53,6 +53,9 @@ Q8_BLOCK = 32
 # 16 to 128 rows on 2 Zen 4 cores; at 512-row prefill the model ran 10-20% slower through it than through
 # the panels (isolated matrices were level there)
 INT4_GEMV_ROWS = 128
+# the AVX2 build's GEMV (codes widened to fp32) against the panels, 2 Zen 4 cores capped at AVX2: 1.0-1.3x at
+# 96 rows, 0.95-1.1x at 128 (three MLP / attention shapes, g128)
+INT4_GEMV_ROWS_AVX2 = 96
 _FALLBACK_DEQUANT_ROWS = {"int8": 128, "int4": 192}
 _PANEL = 1 << 20  # weight elements dequantised per panel (2 MiB in bf16: stays in the L2/L3 cache)
 # ... but never fewer rows than this: a panel of 64 rows (1M elements at K = 10,944) left the GEMM at 55-60%
@@ -306,8 +309,9 @@ class Int4Weight:
                 y = native.int4_gemv_q8(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
                 return y if y.shape[1] == self.n else y[:, : self.n]
             x = round_activations_q8(x)
-        gemv = (lib is not None and x.shape[0] <= INT4_GEMV_ROWS and x.dtype == self.scales_and_zeros.dtype
-                == torch.bfloat16 and native.fast_int4_gemv(lib))
+        gemv = (lib is not None and x.dtype == self.scales_and_zeros.dtype == torch.bfloat16
+                and native.fast_int4_gemv(lib)
+                and x.shape[0] <= (INT4_GEMV_ROWS_AVX2 if native.int4_gemv_kind(lib) == 2 else INT4_GEMV_ROWS))
         if not gemv:  # many rows, or aten's kernel would misread the bytes (another layout): dequantised weights
             aten = aten_int4_layout()
             if lib is not None and (x.shape[0] > INT4_DEQUANT_ROWS or not aten):
