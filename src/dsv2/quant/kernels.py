@@ -40,11 +40,13 @@ INT8_DEQUANT_ROWS = 16
 INT8_BF16_ROWS, INT8_BF16_K = 2, 4096
 INT4_DEQUANT_ROWS = 24
 # int8 activations: the integer-dot-product GEMVs up to these many rows, above them the rounded x goes the
-# exact way (panels and the dense GEMM). Where the kernels are the AVX2 build (no AVX512_BF16) they take
-# every row count: at 512 rows int4 ran 144-184 GFLOPS and int8 150-163 against the panels' ~125-145 (2 Zen 4
-# cores capped at AVX2).
+# exact way (the exact GEMVs, panels and the dense GEMM). Where the kernels are the AVX2 build (no AVX512_BF16)
+# they take every row count: at 512 rows int4 ran 144-184 GFLOPS and int8 150-163 against the panels' ~125-145
+# (2 Zen 4 cores capped at AVX2). With AVX512_BF16 the exact int4 GEMV (bf16 dot products) is as fast at one
+# row and far faster at more (4 sequences' decode: 0.63x vs 1.11x llama.cpp's), so int4 takes the integer
+# kernel for single rows only there; int8 (VNNI dot products) up to 32 rows.
 INT8_Q8_ROWS = 32
-INT4_Q8_ROWS = 128
+INT4_Q8_ROWS = 1
 Q8_ROWS_AVX2 = 1 << 30
 Q8_BLOCK = 32
 # bf16 activations and scales, on CPUs with AVX512_BF16 + VBMI: dsv2's int4 GEMV (the codes become bf16 in
