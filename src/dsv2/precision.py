@@ -75,8 +75,14 @@ def _rows(x: torch.Tensor) -> int:
 def _gemv_library(x: torch.Tensor, w: torch.Tensor, rows: int, max_rows: int = GEMV_ROWS) -> ctypes.CDLL | None:
     """dsv2's C kernel library when `rows` rows of x (bf16 or fp32) times a bf16 weight w are a GEMV it takes
     (CPU, inference, eager, at most max_rows rows); else None."""
-    if (w.dtype == torch.bfloat16 and x.dtype in (torch.bfloat16, torch.float32) and 0 < rows <= max_rows
-            and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+    return _gemv_library_for(x.dtype, x.device, w, rows, max_rows)
+
+
+def _gemv_library_for(x_dtype: torch.dtype, device: torch.device, w: torch.Tensor, rows: int,
+                      max_rows: int) -> ctypes.CDLL | None:
+    """`_gemv_library` for activations of this dtype and device that do not exist yet."""
+    if (w.dtype == torch.bfloat16 and x_dtype in (torch.bfloat16, torch.float32) and 0 < rows <= max_rows
+            and device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
         return native.library()
     return None
 
@@ -206,7 +212,7 @@ class CpuMLA(MLA):
 
     def absorbed_operand_dtype(self, dtype: torch.dtype, rows: int) -> torch.dtype:
         w = self.kv_b_proj.weight
-        if dtype == torch.float32 and _gemv_library(w.new_empty(0, dtype=dtype), w, rows, UPCAST_GEMV_ROWS):
+        if dtype == torch.float32 and _gemv_library_for(dtype, w.device, w, rows, UPCAST_GEMV_ROWS):
             return w.dtype
         return dtype
 

@@ -102,6 +102,12 @@ def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if native_low_precision(x.device, x.dtype) else torch.float32
 
 
+def _rows_limit(lib, avx2_rows: int, rows: int) -> int:
+    """A C kernel's row limit: `avx2_rows` where the library is the AVX2 build (no AVX512_BF16 paths), else
+    `rows`."""
+    return avx2_rows if native.int4_gemv_kind(lib) == 2 else rows
+
+
 def panel_mm(x: torch.Tensor, n: int, dequant: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """x (M,K) @ Wᵀ -> (M,n) in x.dtype, for a weight W (n,K) that `dequant(r0, r1, out)` writes rows of:
     a panel of rows at a time into one reused buffer (cache-sized), each multiplied by the dense GEMM."""
@@ -146,8 +152,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_act: boo
     """x (M,K) @ dequant(q)ᵀ -> (M,N) in x.dtype; scale must be in x.dtype. int8_act: x rounded to int8 first."""
     lib = native.library() if native.supports(x, scale) else None
     if int8_act:
-        if (lib is not None and native.fast_q8(lib)
-                and x.shape[0] <= (Q8_ROWS_AVX2 if native.int4_gemv_kind(lib) == 2 else INT8_Q8_ROWS)):
+        if lib is not None and native.fast_q8(lib) and x.shape[0] <= _rows_limit(lib, Q8_ROWS_AVX2, INT8_Q8_ROWS):
             return native.int8_gemv_q8(lib, x, q, scale).to(x.dtype)
         x = round_activations_q8(x)
     if lib is None:
@@ -304,17 +309,13 @@ class Int4Weight:
         first (`round_activations_q8`)."""
         lib = native.library() if native.supports(x, self.scales_and_zeros) else None
         kp = self.packed.shape[1] * 2
-        if int8_act:
-            if (lib is not None and self.scales_and_zeros.dtype == torch.bfloat16 and native.fast_q8(lib)
-                    and x.shape[0] <= (Q8_ROWS_AVX2 if native.int4_gemv_kind(lib) == 2 else INT4_Q8_ROWS)):
-                xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # zero columns: same codes, same sums
-                y = native.int4_gemv_q8(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
-                return y if y.shape[1] == self.n else y[:, : self.n]
+        q8 = (int8_act and lib is not None and self.scales_and_zeros.dtype == torch.bfloat16 and native.fast_q8(lib)
+              and x.shape[0] <= _rows_limit(lib, Q8_ROWS_AVX2, INT4_Q8_ROWS))
+        if int8_act and not q8:
             x = round_activations_q8(x)
-        gemv = (lib is not None and x.dtype == self.scales_and_zeros.dtype == torch.bfloat16
-                and native.fast_int4_gemv(lib)
-                and x.shape[0] <= (INT4_GEMV_ROWS_AVX2 if native.int4_gemv_kind(lib) == 2 else INT4_GEMV_ROWS))
-        if not gemv:  # many rows, or aten's kernel would misread the bytes (another layout): dequantised weights
+        gemv = (not q8 and lib is not None and x.dtype == self.scales_and_zeros.dtype == torch.bfloat16
+                and native.fast_int4_gemv(lib) and x.shape[0] <= _rows_limit(lib, INT4_GEMV_ROWS_AVX2, INT4_GEMV_ROWS))
+        if not (q8 or gemv):  # many rows, or aten's kernel would misread the bytes (another layout): dequantised
             aten = aten_int4_layout()
             if lib is not None and (x.shape[0] > INT4_DEQUANT_ROWS or not aten):
                 return self._panels(lib, x)
@@ -322,7 +323,9 @@ class Int4Weight:
                 dt = _gemm_dtype(x)
                 return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
         xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # (M,Kp): zero activations, padding vanishes
-        if gemv:
+        if q8:  # (zero columns round to zero codes and add nothing to the group sums)
+            y = native.int4_gemv_q8(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
+        elif gemv:
             y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp.contiguous(), self.packed, self.group_size,

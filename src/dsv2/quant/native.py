@@ -210,16 +210,16 @@ def int4_dequant(lib: ctypes.CDLL, packed: torch.Tensor, sz: torch.Tensor, group
     return out
 
 
-def fast_int4_gemv(lib: ctypes.CDLL) -> bool:
-    """Whether this build's `dsv2_int4_gemv` has a vector path (AVX512_BF16 + VBMI, or AVX2 + FMA); elsewhere
-    it is a plain loop that tests call but the kernels do not."""
-    return bool(lib.dsv2_int4_gemv_fast())
-
-
 def int4_gemv_kind(lib: ctypes.CDLL) -> int:
     """Which vector path this build's int4 GEMV has: 1 AVX512_BF16 + VBMI, 2 AVX2 + FMA (the build for CPUs
     without native bf16), 0 none."""
     return int(lib.dsv2_int4_gemv_fast())
+
+
+def fast_int4_gemv(lib: ctypes.CDLL) -> bool:
+    """Whether this build's `dsv2_int4_gemv` has a vector path (either kind); elsewhere it is a plain loop that
+    tests call but the kernels do not."""
+    return int4_gemv_kind(lib) != 0
 
 
 def int4_gemv(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
