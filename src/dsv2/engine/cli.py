@@ -49,7 +49,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128, 256 (default 128)")
     p.add_argument("--int8-activations", action="store_true",
                    help="int8/int4 weights only: round activations to int8 per 32 values (llama.cpp's Q8_0 "
-                   "rounding) and multiply by integer dot products: 1.3-2x faster products on AVX2 CPUs; "
+                   "rounding) and multiply by integer dot products: 1.1-1.8x faster products on AVX2 CPUs; "
                    "results differ from the exact product (README: 'int8 activations')")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true",
