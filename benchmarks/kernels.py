@@ -13,7 +13,9 @@ GEMMs are not native (AVX2), also: 2-16 bf16 rows through the C GEMV against Cpu
 and one sequence's MLA decode attention in C against upcasting its rows for two PyTorch GEMMs. The opt-in
 int8-activation GEMVs (integer dot products on activations rounded to int8) against the exact ones, and at
 their row limits against the rounded activations' exact path (panels + GEMM); dequantised panels of 384+ rows
-against 1M-element ones. `--only int8act` (or int4 / int8 / bf16 / emulated / panels) runs one section.
+against 1M-element ones. dsv2's C GEMM on bf16 / int8 / int4 weights as stored (CPUs without AVX512F) against
+the packed fp32 copy and the dequantised panels. `--only int8act` (or int4 / int8 / bf16 / emulated / panels /
+gemm) runs one section.
 """
 
 from __future__ import annotations
@@ -66,12 +68,8 @@ def int4_rows(lib, g: torch.Generator, n: int, k: int) -> None:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, theirs, gs, w4.scales_and_zeros)
 
         def panels(x: torch.Tensor, w4: Int4Weight = w4) -> torch.Tensor:  # the dequantise + GEMM path
-            saved = kernels.INT4_GEMV_ROWS, kernels.INT4_GEMV_ROWS_AVX2
-            kernels.INT4_GEMV_ROWS = kernels.INT4_GEMV_ROWS_AVX2 = 0
-            try:
-                return w4.mm(x)
-            finally:
-                kernels.INT4_GEMV_ROWS, kernels.INT4_GEMV_ROWS_AVX2 = saved
+            with no_c_gemm():
+                return w4._panels(lib, x)
 
         for m in (1, 4, 16):
             x = torch.randn(m, k, generator=g).bfloat16()
@@ -199,6 +197,58 @@ def panel_rows(lib, g: torch.Generator, n: int, k: int) -> None:
             row(f"int4 g128 panels {nk[0]} x {nk[1]}, {m} rows", "1M panels", "384+ rows", t)
 
 
+def gemm_rows(lib, g: torch.Generator, n: int, k: int) -> None:
+    """dsv2's C GEMM on the weights as stored (fp32 FMAs; used where bf16 GEMMs are emulated and the CPU has no
+    AVX512F) against the paths it replaced: bf16 through CpuLinear's packed fp32 copy (oneDNN), int8 and int4
+    through dequantised panels and the dense fp32 GEMM, at batched-decode and prompt row counts."""
+    if native.gemm_kind(lib) == 0:
+        return
+    for nk in ((10_944, 2_048), (2_048, 10_944), (3_072, 2_048)):
+        w = torch.randn(*nk, generator=g) * 0.05
+        lin = CpuLinear(nk[1], nk[0], bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        q, s = quantize_int8(w)
+        s = s.bfloat16()
+        w4 = Int4Weight.quantize(w, 128, torch.bfloat16)
+        kp = w4.packed.shape[1] * 2
+        for m in (17, 32, 64, 512):
+            x = torch.randn(m, nk[1], generator=g).bfloat16()
+            xp = F.pad(x, (0, kp - nk[1]))
+            flop = 2 * m * nk[0] * nk[1]
+            with torch.inference_mode():
+                pairs = {
+                    "bf16": {"packed fp32": lambda x=x, lin=lin: packed(lin, x),
+                             "dsv2 GEMM": lambda x=x, lin=lin: native.gemm(lib, x, lin.weight)},
+                    "int8": {"panels": lambda x=x, q=q, s=s: no_gemm_call(kernels.int8_mm, x, q, s),
+                             "dsv2 GEMM": lambda x=x, q=q, s=s: native.gemm(lib, x, q, s)},
+                    "int4 g128": {"panels": lambda x=x, w4=w4: no_gemm_call(w4._panels, lib, x),
+                                  "dsv2 GEMM": lambda xp=xp, w4=w4: native.int4_gemm(lib, xp, w4.packed,
+                                                                                     w4.scales_and_zeros, 128)},
+                }
+                for fmt, fns in pairs.items():
+                    t = best(fns, rounds=2, calls=1 if m == 512 else 3)
+                    old, new = fns
+                    print(f"| {fmt} {nk[0]} x {nk[1]}, {m} rows | {old} {t[old] * 1e3:.2f} ms "
+                          f"({flop / t[old] / 1e9:.0f} GFLOPS) | {new} {t[new] * 1e3:.2f} ms "
+                          f"({flop / t[new] / 1e9:.0f} GFLOPS) | {t[old] / t[new]:.2f}x |", flush=True)
+
+
+class no_c_gemm:
+    """Within: the callers see no dsv2 C GEMM (`native.gemm_kind` 0), so they take the paths it replaced."""
+
+    def __enter__(self) -> None:
+        self.saved, native.gemm_kind = native.gemm_kind, lambda lib: 0
+
+    def __exit__(self, *exc: object) -> None:
+        native.gemm_kind = self.saved
+
+
+def no_gemm_call(fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+    with no_c_gemm():
+        return fn(*args)
+
+
 def int4_q8_gemv(w4: Int4Weight, x: torch.Tensor) -> torch.Tensor:
     """The int4 int8-activation GEMV at any row count (its row limit lifted for the call)."""
     saved, kernels.INT4_Q8_ROWS = kernels.INT4_Q8_ROWS, 1 << 30
@@ -209,10 +259,12 @@ def int4_q8_gemv(w4: Int4Weight, x: torch.Tensor) -> torch.Tensor:
 
 
 def packed(lin: CpuLinear, x: torch.Tensor) -> torch.Tensor:
-    """CpuLinear's GEMM on its packed fp32 copy (the C GEMV's row limit set to 0 for the call)."""
+    """CpuLinear's GEMM on its packed fp32 copy (the C GEMV's row limit set to 0 and the C GEMM hidden for the
+    call)."""
     saved, precision.UPCAST_GEMV_ROWS = precision.UPCAST_GEMV_ROWS, 0
     try:
-        return lin(x)
+        with no_c_gemm():
+            return lin(x)
     finally:
         precision.UPCAST_GEMV_ROWS = saved
 
@@ -232,7 +284,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     sections = {"int4": int4_rows, "int8": int8_rows, "bf16": bf16_rows, "emulated": emulated_bf16_rows,
-                "int8act": int8act_rows, "panels": panel_rows}
+                "int8act": int8act_rows, "panels": panel_rows, "gemm": gemm_rows}
     ap.add_argument("--only", choices=sorted(sections), default=None, help="run one section")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

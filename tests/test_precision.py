@@ -1,6 +1,7 @@
 """The CPU low-precision policy (dsv2.precision, swapped in by `prepare`) against float64 re-computations: one-row
-GEMVs in bf16, multi-row inference GEMMs on a cached pre-packed fp32 copy that follows weight updates,
-and training GEMMs that upcast on the fly so gradients reach the stored weight."""
+GEMVs in bf16, multi-row inference GEMMs through dsv2's C GEMM on the bf16 weight as stored, or else on a cached
+pre-packed fp32 copy that follows weight updates, and training GEMMs that upcast on the fly so gradients reach
+the stored weight."""
 
 from __future__ import annotations
 
@@ -35,13 +36,20 @@ def test_linear_inference_matches_float64(dtype: torch.dtype, shape: tuple[int, 
     torch.testing.assert_close(y.double(), ref(x, lin), rtol=tol, atol=tol)
 
 
+def _c_gemm_here() -> bool:
+    from dsv2.quant import native
+
+    lib = native.library()
+    return lib is not None and native.gemm_kind(lib) == 2
+
+
 def test_packed_copy_follows_weight_updates() -> None:
     lin = Linear(64, 48, bias=False, dtype=torch.bfloat16)
     x = torch.randn(ROWS, 64).bfloat16()
     with torch.inference_mode():
         lin(x)
-    packed = not native_low_precision(torch.device("cpu"), torch.bfloat16)
-    assert hasattr(lin, "_packed") == packed  # the cache exists only where bf16 is emulated
+    packed = not native_low_precision(torch.device("cpu"), torch.bfloat16) and not _c_gemm_here()
+    assert hasattr(lin, "_packed") == packed  # the cache exists only where bf16 is emulated without the C GEMM
     with torch.no_grad():
         lin.weight.mul_(-2)  # in-place update: the cached copy must be rebuilt
     with torch.inference_mode():
@@ -100,3 +108,52 @@ def test_prepare_swaps_plain_modules_only_and_keeps_the_state_dict() -> None:
     with torch.inference_mode():
         got = model(ids)
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)  # bf16 rounding of two orders
+
+
+@pytest.mark.parametrize("route", ["C GEMM", "packed fp32 copy"])
+def test_emulated_bf16_gemms_match_float64(route: str, monkeypatch) -> None:
+    """Where bf16 is emulated (AVX2), prompt-sized GEMMs of linears and routed experts: dsv2's C GEMM on the
+    bf16 weights as stored (no fp32 copy kept), or the packed fp32 copy / per-call fp32 copies without it;
+    forced here on any machine (the C GEMM's vector path is in every AVX2 build of the library)."""
+    from dsv2 import precision
+    from dsv2.model.moe import Experts
+    from dsv2.precision import CpuExperts
+    from dsv2.quant import native
+
+    lib = native.library()
+    if route == "C GEMM" and lib is None:
+        pytest.skip("no C compiler: the C kernels cannot be built here")
+    monkeypatch.setitem(precision._NATIVE, torch.bfloat16, False)
+    monkeypatch.setattr(native, "gemm_kind", lambda lib: 2 if route == "C GEMM" else 0)
+    g = torch.Generator().manual_seed(5)
+    lin = Linear(200, 70, bias=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(70, 200, generator=g) / 10)
+        lin.bias.copy_(torch.randn(70, generator=g))
+    x = torch.randn(2, 19, 200, generator=g).bfloat16()
+    with torch.inference_mode():
+        y = lin(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 19, 70)
+    assert hasattr(lin, "_packed") == (route != "C GEMM")
+    torch.testing.assert_close(y.double(), ref(x, lin), rtol=2e-2, atol=2e-2)
+
+    ex = Experts(4, 48, 40, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ex.__class__ = CpuExperts
+    n = 24  # 24 tokens x 2 picks over 4 experts: every expert above GEMV_ROWS rows
+    xe = torch.randn(n, 48, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(n)])
+    wts = torch.rand(n, 2, generator=g)
+    want = torch.zeros(n, 48, dtype=torch.float64)
+    gp, up, dp = (t.double() for t in (ex.gate_proj, ex.up_proj, ex.down_proj))
+    for t in range(n):
+        for j in range(2):
+            e = idx[t, j]
+            h = torch.nn.functional.silu(gp[e] @ xe[t].double()) * (up[e] @ xe[t].double())
+            want[t] += wts[t, j].double() * (dp[e] @ h)
+    with torch.inference_mode():
+        got = ex(xe, idx, wts)
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()

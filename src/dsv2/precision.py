@@ -103,6 +103,29 @@ def _gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
     return (y if b is None else y + b.float()).to(x.dtype)
 
 
+def _gemm_library(w: torch.Tensor) -> ctypes.CDLL | None:
+    """dsv2's C kernel library when its GEMM on w as stored (bf16) is the one to use: inference and eager on the
+    CPU, a build whose GEMM has its vector path on a CPU without AVX512F (`native.gemm_kind`); else None."""
+    if (w.dtype == torch.bfloat16 and w.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        lib = native.library()
+        if lib is not None and native.gemm_kind(lib) == 2:
+            return lib
+    return None
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ wᵀ (+ b) in fp32 for a low-precision w whose GEMMs are emulated here: dsv2's C GEMM on w as stored
+    where it is the one to use (`_gemm_library`: fp32 products of the bf16 weight, no copy of it), else F.linear
+    on fp32 copies made for the call. Either way the exact fp32 products, summed in fp32."""
+    lib = _gemm_library(w)
+    if lib is None:
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.float(), w.float(), None if b is None else b.float())
+    y = native.gemm(lib, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+    return y if b is None else y + b.float()
+
+
 def bmm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ bᵀ per batch, (B,M,K) x (B,N,K) -> (B,M,N) in a's dtype, except a few rows times a bf16 b on the CPU
     in inference: dsv2's batched C GEMV (MLA's per-head W_UK / W_UV products of a decode step: PyTorch's bf16
@@ -127,9 +150,11 @@ class CpuLinear(nn.Linear):
     - one row in inference (decode): the low-precision GEMV is not on the slow path and reads half the
       bytes, so it runs as stored (bf16: dsv2's C GEMV, `linear`; also where bf16 GEMMs are native);
       up to UPCAST_GEMV_ROWS rows too, where the C GEMV is there;
-    - more rows in inference: fp32 GEMM on a cached fp32 copy pre-packed in oneDNN's blocked layout
-      (for the 2..~100-row GEMMs of batched decode MKL's plain sgemm re-reads the weight almost once per
-      row; the packed weight runs 1.6-3.3x faster there and no slower at prefill sizes);
+    - more rows in inference: dsv2's C GEMM on the bf16 weight as stored (`upcast_linear`: fp32 FMAs, the
+      weight packed a cache-sized block at a time; as fast as oneDNN on an fp32 copy, without the copy's
+      memory), where the C library has it (AVX2 builds); else fp32 GEMM on a cached fp32 copy pre-packed in
+      oneDNN's blocked layout (for the 2..~100-row GEMMs of batched decode MKL's plain sgemm re-reads the
+      weight almost once per row; the packed weight runs 1.6-3.3x faster there and no slower at prefill sizes);
     - training / autocast: upcast on the fly, so gradients reach the stored weight.
     The cached copy is dropped when the module is moved or cast, and never pickled or deep-copied
     (a packed oneDNN tensor has no storage).
@@ -150,6 +175,8 @@ class CpuLinear(nn.Linear):
             if x.numel() == x.shape[-1]:
                 return F.linear(x, w, b)
         autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if inference and not autocast and x.dtype == w.dtype and _gemm_library(w) is not None:
+            return upcast_linear(x, w, b).to(x.dtype)
         if (inference and not autocast and x.dtype == w.dtype and _onednn_packing()
                 and not torch.compiler.is_compiling()):  # inductor cannot take an opaque packed weight
             pw = derived(w, self, "_packed",
@@ -176,7 +203,8 @@ class CpuExperts(Experts):
 
     In inference no fp32 copy of the experts is kept (it would double the memory of a MoE model): an
     expert with few rows runs bf16 GEMVs on the stored weights (PyTorch's bf16 matmul costs about one
-    weight pass per row on AVX2), one with more rows is upcast on the fly (~3-4 passes)."""
+    weight pass per row on AVX2), one with more rows `upcast_linear` (dsv2's C GEMM on the weights as stored;
+    without it, fp32 copies made on the fly: ~3-4 passes)."""
 
     GEMV_ROWS = 4
     linear = staticmethod(linear)  # one-token matmuls: bf16 weights through dsv2's C GEMV
@@ -193,7 +221,7 @@ class CpuExperts(Experts):
                                       out_dtype=torch.float32, gu=gu, linear=self.linear).to(out)
             token, order, counts = self.plan(idx, keep)
             y = self.dispatch(x, token, order, counts, weight, self.gate_proj, self.up_proj, self.down_proj,
-                              upcast_rows=self.GEMV_ROWS, gu=gu)
+                              upcast_rows=self.GEMV_ROWS, gu=gu, upcast_linear=upcast_linear)
             return y.to(out)
         token, order, counts = self.plan(idx, keep)
         with torch.autocast("cpu", enabled=False):

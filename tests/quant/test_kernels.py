@@ -351,6 +351,45 @@ def test_c_bf16_gemv_matches_float64(kernels: str) -> None:
         assert (native.bf16_gemv(lib, x, w).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_c_gemm_matches_float64(kernels: str) -> None:
+    """dsv2_gemm (bf16 weights, int8 codes times a per-row scale, int4 in dsv2's pack, all as stored): row
+    counts around its 6-row tiles, output columns around its 16-row weight panels, depths around its 512 /
+    256-column blocks (int8's scale applied once, after the last; int4 groups across block ends), fp32 and
+    bf16 activations, weight rows further apart than K, int4's 64-row blocks and shorter last blocks."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    for m, n, k in ((1, 1, 1), (5, 17, 7), (6, 16, 8), (7, 33, 512), (13, 300, 513), (40, 650, 1100)):
+        base = _w(n, k + 3)
+        for xdt in (torch.float32, torch.bfloat16):
+            x = _x(m, k, xdt)
+            w = base.bfloat16()[:, :k]  # rows k + 3 elements apart
+            ref = x.double() @ w.double().T
+            got = native.gemm(lib, x, w)
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (m, n, k, xdt)
+            q, s = quantize_int8(base[:, :k].contiguous())
+            for sdt in (torch.float32, torch.bfloat16):
+                sc = s.to(sdt)
+                ref = x.double() @ (q.double() * sc.double()[:, None]).T
+                got = native.gemm(lib, x, q, sc)
+                assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (m, n, k, xdt, sdt)
+    for n, k, group in ((16, 64, 32), (80, 256, 64), (176, 640, 128), (336, 512, 256)):  # 64-row blocks, tails
+        for sdt in (torch.float32, torch.bfloat16):
+            w4 = Int4Weight.quantize(_w(n, k), group, sdt)
+            deq = w4.dequantize(torch.float64)
+            for m in (1, 7, 13):
+                x = _x(m, k, torch.float32)
+                ref = x.double() @ deq.T
+                got = native.int4_gemm(lib, x, w4.packed, w4.scales_and_zeros, group)
+                assert got.shape == (m, w4.packed.shape[0])
+                assert (got[:, :n].double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (n, k, group, sdt, m)
+    with pytest.raises(TypeError, match="int8 codes with a scale"):
+        native.gemm(lib, _x(2, 8, torch.float32), torch.zeros(3, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="8 columns, the weight 9"):
+        native.gemm(lib, _x(2, 8, torch.float32), torch.zeros(3, 9, dtype=torch.bfloat16))
+
+
 def test_policy_linear_one_bf16_row(kernels: str) -> None:
     """dsv2.precision.linear: one bf16 row through the C GEMV (or F.linear without it), bias included,
     within one bf16 rounding of the float64 product."""

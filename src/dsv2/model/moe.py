@@ -191,10 +191,12 @@ class Experts(nn.Module):
     @staticmethod
     def dispatch(x: torch.Tensor, token: torch.Tensor, order: torch.Tensor, counts: list[int],
                  weight: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                 upcast_rows: int | None = None, gu: torch.Tensor | None = None) -> torch.Tensor:
+                 upcast_rows: int | None = None, gu: torch.Tensor | None = None,
+                 upcast_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Σ_k weight·expert(x) over the sorted picks. upcast_rows (a platform policy's hook): experts with
-        more rows than that compute in fp32, the others as stored; the result is then fp32. gu: [wg; wu]
-        stacked (E,2I,D) (inference, `fused_gate_up`), one matmul for both."""
+        more rows than that compute in fp32, the others as stored; the result is then fp32. upcast_linear:
+        those experts' matmul, given fp32 rows and the weights as stored (default: F.linear on fp32 copies).
+        gu: [wg; wu] stacked (E,2I,D) (inference, `fused_gate_up`), one matmul for both."""
         xs = x[token]  # (P,D) picks grouped by expert
         if torch.is_grad_enabled():
             # unbind, not wg[e]: indexing would give each expert's gradient as a full (E,I,D) tensor in backward
@@ -204,10 +206,15 @@ class Experts(nn.Module):
             if not counts[e]:
                 continue
             g, u, d, gue = wg[e], wu[e], wd[e], None if gu is None else gu[e]
+            mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
             if upcast_rows is not None and counts[e] > upcast_rows:
-                xe, g, u, d = xe.float(), g.float(), u.float(), d.float()
-                gue = None if gue is None else gue.float()
-            ye = swiglu(xe, g, u, d, gue)
+                xe = xe.float()
+                if upcast_linear is not None:
+                    mm = upcast_linear
+                else:
+                    g, u, d = g.float(), u.float(), d.float()
+                    gue = None if gue is None else gue.float()
+            ye = swiglu(xe, g, u, d, gue, linear=mm)
             outs.append(ye if upcast_rows is None else ye.float())
         if not outs:
             return torch.zeros_like(x, dtype=torch.float32 if upcast_rows is not None else None)

@@ -1,7 +1,8 @@
 /* dsv2's CPU kernels for int8 / int4 / bf16 weights: plain C, compiled on first use by
  * dsv2/quant/native.py (cc -O3 -march=native -fopenmp) and called through ctypes: GEMVs for int8, int4 and
  * bf16 weights (batched over heads for bf16), and int8 / int4 dequantisation of row panels for the dense
- * GEMM. The pure-PyTorch path (aten's kernels, F.linear) is used wherever this library cannot be built.
+ * GEMM, and a GEMM on bf16 / int8 / int4 weights as stored (fp32 FMAs, for CPUs without native bf16). The
+ * pure-PyTorch path (aten's kernels, F.linear) is used wherever this library cannot be built.
  * With AVX512_BF16 the bf16-activation paths multiply with vdpbf16ps (bf16 pairs, exact products, fp32
  * sums): weights that are not bf16 become bf16 in registers first (int4 codes and int8 nibbles as the
  * bf16 128 + code, the offset taken out with the activations' sums). The int4 GEMV has an AVX512_BF16 +
@@ -1032,6 +1033,293 @@ void dsv2_int4_gemv_q8(const void *x, int x_bf16, const uint8_t *packed, const u
 #endif
         int4_block_ref(NULL, xq, xd, xs, packed, sz, y, M, Np, Kp, g, b);
     }
+}
+
+
+/* ---- GEMM on bf16 / int8 / int4 weights as stored, fp32 FMA (CPUs without native bf16 GEMMs) ---------- */
+
+/* y (M, N) fp32 = x (M, K) @ Wᵀ with fp32 products and sums, W as stored: bf16 (N, K); int8 codes times a
+ * per-row scale (y = (x @ qᵀ) * scale); int4 in dsv2's pack (dequantised to fp32 as dsv2_int4_dequant does).
+ * What PyTorch computes on an fp32 copy of the weight, without the copy.
+ * BLIS-style blocking: per thread, a chunk of up to GM_NC weight rows is packed KC columns at a time into
+ * panels of 16 rows, [k][16]: as bf16 for bf16 and int8 (int8 codes are exact in bf16), rows i and i + 8
+ * sharing a 32-bit lane so that one shift and one mask give the two fp32 vectors; as fp32 for int4. MC rows
+ * of x are packed [k][6] as fp32 once per chunk and K block. A 6 x 16 tile of y is 12 fp32 accumulators,
+ * each k one or two weight loads, 6 broadcasts and 12 FMAs. */
+#define GM_MR 6
+#define GM_NR 16
+#define GM_KC 512 /* columns per block (bf16 panels: 16 KiB, with 12 KiB of x in L1) */
+#define GM_KC4 256 /* ... for fp32 (int4) panels */
+#define GM_MC 96
+#define GM_NC 1024 /* weight rows per chunk at most (a thread's unit of work; x is packed once per chunk) */
+enum { GM_BF16 = 0, GM_INT8 = 1, GM_INT4 = 2 };
+
+/* int4 code of row r, column k in dsv2's pack of Np rows, Kp columns (see the top of this file) */
+static inline int int4_code(const uint8_t *packed, int64_t Np, int64_t Kp, int64_t r, int64_t k) {
+    const int64_t full = Np / 64, b = r / 64, jr = r % 64;
+    const uint8_t *bp = packed + b * 32 * Kp;
+    if (b < full) return (bp[k * 32 + (jr & 31)] >> (jr < 32 ? 0 : 4)) & 15;
+    return (bp[k * ((Np - full * 64) / 2) + jr / 2] >> (4 * (jr & 1))) & 15;
+}
+
+/* group gi's scale and (zero - 8 scale) of row r: w = code * scale + base */
+static inline void int4_sb(const void *sz, int sz_bf16, int64_t Np, int64_t gi, int64_t r, float *s, float *base) {
+    const int64_t i = (gi * Np + r) * 2;
+    *s = load(sz, i, sz_bf16);
+    *base = load(sz, i + 1, sz_bf16) - 8.f * *s;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define GEMM_FAST 1
+
+/* 8 values of one weight row from column k as 8 bf16 in a 128-bit register */
+static inline __m128i gm_row8(const void *w, int w_int8, int64_t k) {
+    if (!w_int8) return _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + k))));
+    const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(f), 16); /* |q| <= 127: exact in bf16 */
+    return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+}
+
+static inline uint16_t gm_one(const void *w, int w_int8, int64_t k) {
+    return w_int8 ? f2bf((float)((const int8_t *)w)[k]) : ((const uint16_t *)w)[k];
+}
+
+/* n <= 16 weight rows (elements ldw apart, int8 or bf16), columns [k0, k0 + kc) -> one [kc][16] bf16 panel */
+static void gm_pack_w(const void *w, int w_int8, int64_t ldw, int64_t n, int64_t k0, int64_t kc, uint16_t *dst) {
+    static const uint16_t zero[GM_KC] = {0};
+    const void *r[16];
+    int wi[16];
+    const int esz = w_int8 ? 1 : 2;
+    for (int i = 0; i < 16; i++) {
+        r[i] = i < n ? (const void *)((const char *)w + (i * ldw + k0) * esz) : (const void *)zero;
+        wi[i] = i < n ? w_int8 : 0;
+    }
+    int64_t k = 0;
+    for (; k + 8 <= kc; k += 8) {
+        __m256 v[8];
+        for (int i = 0; i < 8; i++) {
+            const __m128i lo = gm_row8(r[i], wi[i], k), hi = gm_row8(r[i + 8], wi[i + 8], k);
+            v[i] = _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi)));
+        }
+        /* v[i] holds lanes k..k+7 of panel lane i: transpose 8 x 8 dwords */
+        const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+        const __m256 s[8] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE),
+                             _mm256_shuffle_ps(t4, t6, 0x44), _mm256_shuffle_ps(t4, t6, 0xEE),
+                             _mm256_shuffle_ps(t5, t7, 0x44), _mm256_shuffle_ps(t5, t7, 0xEE)};
+        float *d = (float *)(dst + k * 16);
+        for (int j = 0; j < 4; j++) {
+            _mm256_store_ps(d + j * 8, _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
+            _mm256_store_ps(d + (j + 4) * 8, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+        }
+    }
+    for (; k < kc; k++)
+        for (int i = 0; i < 8; i++) {
+            dst[k * 16 + 2 * i] = gm_one(r[i], wi[i], k);
+            dst[k * 16 + 2 * i + 1] = gm_one(r[i + 8], wi[i + 8], k);
+        }
+}
+
+/* int4 rows [j, j + 16) (j % 16 == 0, all stored), columns [k0, k0 + kc) -> one [kc][16] fp32 panel */
+static void gm_pack_w4(const uint8_t *packed, const void *sz, int sz_bf16, int64_t Np, int64_t Kp, int64_t g,
+                       int64_t j, int64_t k0, int64_t kc, float *dst) {
+    float s[16], base[16];
+    const int64_t jr = j % 64, full_block = j / 64 < Np / 64;
+    const uint8_t *bp = packed + (j / 64) * 32 * Kp + (jr & 31);
+    for (int64_t k = k0; k < k0 + kc;) {
+        const int64_t gi = k / g, kend = (gi + 1) * g < k0 + kc ? (gi + 1) * g : k0 + kc;
+        for (int i = 0; i < 16; i++) int4_sb(sz, sz_bf16, Np, gi, j + i, s + i, base + i);
+        const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+        const __m256 z0 = _mm256_loadu_ps(base), z1 = _mm256_loadu_ps(base + 8);
+        for (; k < kend; k++) {
+            float *d = dst + (k - k0) * 16;
+            if (full_block) { /* 16 consecutive bytes: the rows' codes in the low or the high nibbles */
+                __m128i v = _mm_loadu_si128((const __m128i *)(bp + k * 32));
+                v = _mm_and_si128(jr < 32 ? v : _mm_srli_epi16(v, 4), _mm_set1_epi8(15));
+                const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+                _mm256_store_ps(d, _mm256_fmadd_ps(q0, s0, z0));
+                _mm256_store_ps(d + 8, _mm256_fmadd_ps(q1, s1, z1));
+            } else {
+                for (int i = 0; i < 16; i++) d[i] = (float)int4_code(packed, Np, Kp, j + i, k) * s[i] + base[i];
+            }
+        }
+    }
+}
+
+/* m rows of x (fp32 or bf16, ldx apart), columns [k0, k0 + kc) -> [m/6][kc][6] fp32, missing rows zero */
+static void gm_pack_x(const void *x, int x_bf16, int64_t ldx, int64_t m, int64_t k0, int64_t kc, float *dst) {
+    for (int64_t i0 = 0; i0 < m; i0 += GM_MR) {
+        float *d = dst + i0 * kc;
+        for (int i = 0; i < GM_MR; i++) {
+            if (i0 + i < m) {
+                const int64_t o = (i0 + i) * ldx + k0;
+                if (x_bf16)
+                    for (int64_t k = 0; k < kc; k++) d[k * GM_MR + i] = bf2f(((const uint16_t *)x)[o + k]);
+                else
+                    for (int64_t k = 0; k < kc; k++) d[k * GM_MR + i] = ((const float *)x)[o + k];
+            } else {
+                for (int64_t k = 0; k < kc; k++) d[k * GM_MR + i] = 0.f;
+            }
+        }
+    }
+}
+
+/* y tile (mr <= 6, nr <= 16) = [prev +] a (kc, 6) . b (kc, 16: bf16 pairs, or fp32 when f32); then times the
+ * per-column scale s where given (the last K block) */
+static inline __attribute__((always_inline)) void gm_tile(const int f32, int64_t kc, const float *a, const void *b,
+                                                          float *y, int64_t ldy, int accum, const float *s, int mr,
+                                                          int nr) {
+    /* twelve named accumulators: an indexed array is not always kept in registers */
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 b0, b1;
+        if (f32) {
+            b0 = _mm256_load_ps((const float *)b + k * 16);
+            b1 = _mm256_load_ps((const float *)b + k * 16 + 8);
+        } else {
+            const __m256i raw = _mm256_load_si256((const __m256i *)((const uint16_t *)b + k * 16));
+            b0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)); /* panel rows 0..7 */
+            b1 = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));   /* rows 8..15 */
+        }
+        const float *ak = a + k * GM_MR;
+#define GM_ROW(i)                                                                                                   \
+    do {                                                                                                            \
+        const __m256 av = _mm256_broadcast_ss(ak + i);                                                              \
+        c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0);                                                                 \
+        c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);                                                                 \
+    } while (0)
+        GM_ROW(0); GM_ROW(1); GM_ROW(2); GM_ROW(3); GM_ROW(4); GM_ROW(5);
+#undef GM_ROW
+    }
+    const __m256 c[GM_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    float t[16], sc[16];
+    if (s)
+        for (int j = 0; j < 16; j++) sc[j] = j < nr ? s[j] : 0.f;
+    for (int i = 0; i < mr; i++) {
+        float *yi = y + i * ldy;
+        __m256 v0 = c[i][0], v1 = c[i][1];
+        if (nr == GM_NR) {
+            if (accum) v0 = _mm256_add_ps(v0, _mm256_loadu_ps(yi)), v1 = _mm256_add_ps(v1, _mm256_loadu_ps(yi + 8));
+            if (s) v0 = _mm256_mul_ps(v0, _mm256_loadu_ps(sc)), v1 = _mm256_mul_ps(v1, _mm256_loadu_ps(sc + 8));
+            _mm256_storeu_ps(yi, v0);
+            _mm256_storeu_ps(yi + 8, v1);
+        } else {
+            _mm256_storeu_ps(t, v0);
+            _mm256_storeu_ps(t + 8, v1);
+            for (int j = 0; j < nr; j++) {
+                const float r = accum ? yi[j] + t[j] : t[j];
+                yi[j] = s ? r * sc[j] : r;
+            }
+        }
+    }
+}
+#else
+#define GEMM_FAST 0
+#endif
+
+/* 2: the vector path, on a build without AVX512F (where it is the fastest fp32 GEMM: MKL / oneDNN run the same
+ * 256-bit FMAs, on an fp32 copy); 1: the vector path beside AVX512F (tests call it; the callers keep
+ * PyTorch's 512-bit GEMMs there); 0: a plain loop */
+int dsv2_gemm_fast(void) {
+#if GEMM_FAST && !defined(__AVX512F__)
+    return 2;
+#else
+    return GEMM_FAST;
+#endif
+}
+
+/* y (M, N) fp32, ldy apart = x (M, K; fp32 or bf16, ldx apart) @ Wᵀ for W of kind w_kind:
+ *   GM_BF16: w (N, K) bf16, rows ldw elements apart;
+ *   GM_INT8: w (N, K) int8 codes, rows ldw apart, scale (N,) fp32/bf16: y = (x @ qᵀ) * scale;
+ *   GM_INT4: w dsv2's pack of ldw (= Np >= N, a multiple of 16) rows and K columns, scale its
+ *            scales_and_zeros (K/g, Np, 2) fp32/bf16, g the group size. */
+void dsv2_gemm(const void *x, int x_bf16, int64_t ldx, const void *w, int w_kind, int64_t ldw, const void *scale,
+               int scale_bf16, int64_t g, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (M <= 0 || N <= 0) return;
+    float *sf = NULL;
+    if (w_kind == GM_INT8) {
+        sf = (float *)malloc((size_t)N * sizeof(float));
+        for (int64_t j = 0; j < N; j++) sf[j] = load(scale, j, scale_bf16);
+    }
+    if (K <= 0 || !GEMM_FAST) {
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < N; j++) {
+                float acc = 0.f, s, base;
+                for (int64_t k = 0; k < K; k++) {
+                    float wv;
+                    if (w_kind == GM_INT4) {
+                        int4_sb(scale, scale_bf16, ldw, k / g, j, &s, &base);
+                        wv = (float)int4_code((const uint8_t *)w, ldw, K, j, k) * s + base;
+                    } else {
+                        wv = w_kind == GM_INT8 ? (float)((const int8_t *)w)[j * ldw + k]
+                                               : bf2f(((const uint16_t *)w)[j * ldw + k]);
+                    }
+                    acc += load(x, i * ldx + k, x_bf16) * wv;
+                }
+                y[i * ldy + j] = sf ? acc * sf[j] : acc;
+            }
+        free(sf);
+        return;
+    }
+#if GEMM_FAST
+    /* chunks of whole panels, a multiple of the thread count where there are enough panels */
+    const int64_t panels = (N + GM_NR - 1) / GM_NR;
+    int64_t chunks = (panels + GM_NC / GM_NR - 1) / (GM_NC / GM_NR);
+    if (chunks % nthreads) chunks += nthreads - chunks % nthreads;
+    if (chunks > panels) chunks = panels;
+    const int64_t per = (panels + chunks - 1) / chunks; /* panels per chunk */
+    chunks = (panels + per - 1) / per;
+    const int f32 = w_kind == GM_INT4, esz = w_kind == GM_INT8 ? 1 : 2;
+    const int64_t kb = f32 ? GM_KC4 : GM_KC, pesz = f32 ? 4 : 2; /* K block, panel element bytes */
+#pragma omp parallel num_threads(nthreads)
+    {
+        char *wp = (char *)aligned_alloc(64, (size_t)(per * GM_NR * kb * pesz));
+        float *xp = (float *)aligned_alloc(64, (size_t)GM_MC * kb * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            const int64_t j0 = ch * per * GM_NR, j1 = j0 + per * GM_NR < N ? j0 + per * GM_NR : N;
+            for (int64_t k0 = 0; k0 < K; k0 += kb) {
+                const int64_t kc = K - k0 < kb ? K - k0 : kb;
+                const int last = k0 + kc == K;
+                for (int64_t j = j0; j < j1; j += GM_NR) {
+                    char *panel = wp + (j - j0) * kc * pesz;
+                    if (f32)
+                        gm_pack_w4((const uint8_t *)w, scale, scale_bf16, ldw, K, g, j, k0, kc, (float *)panel);
+                    else
+                        gm_pack_w((const char *)w + j * ldw * esz, w_kind == GM_INT8, ldw,
+                                  j1 - j < GM_NR ? j1 - j : GM_NR, k0, kc, (uint16_t *)panel);
+                }
+                for (int64_t i0 = 0; i0 < M; i0 += GM_MC) {
+                    const int64_t mc = M - i0 < GM_MC ? M - i0 : GM_MC;
+                    gm_pack_x((const char *)x + i0 * ldx * (x_bf16 ? 2 : 4), x_bf16, ldx, mc, k0, kc, xp);
+                    for (int64_t j = j0; j < j1; j += GM_NR) {
+                        const char *panel = wp + (j - j0) * kc * pesz;
+                        const int nr = j1 - j < GM_NR ? (int)(j1 - j) : GM_NR;
+                        const float *s = last && sf ? sf + j : NULL;
+                        for (int64_t i = 0; i < mc; i += GM_MR) {
+                            const int mr = mc - i < GM_MR ? (int)(mc - i) : GM_MR;
+                            float *yt = y + (i0 + i) * ldy + j;
+                            if (f32)
+                                gm_tile(1, kc, xp + i * kc, panel, yt, ldy, k0 > 0, NULL, mr, nr);
+                            else
+                                gm_tile(0, kc, xp + i * kc, panel, yt, ldy, k0 > 0, s, mr, nr);
+                        }
+                    }
+                }
+            }
+        }
+        free(wp);
+        free(xp);
+    }
+#endif
+    free(sf);
 }
 
 

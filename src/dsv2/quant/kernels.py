@@ -33,7 +33,9 @@ _ROWS = 4096  # rows quantised at a time: bounds the fp32 temporaries for a (102
 # Above this many activation rows a weight is dequantised a panel at a time and multiplied by the dense
 # GEMM: the one-row kernels cost about one pass over the weight per row (aten's per 1-4 rows, dsv2's C
 # kernel per 4), the GEMM a fraction of one. With the C library the panels are dequantised in C (int8:
-# ~8 bytes/ns, int4: ~3 weights/ns per core); without it in PyTorch, whole, which pays off later.
+# ~8 bytes/ns, int4: ~3 weights/ns per core); without it in PyTorch, whole, which pays off later. Where the
+# GEMM runs in fp32 on a CPU without AVX512F, the rows go to dsv2's C GEMM on the weight as stored instead
+# (`native.gemm` / `int4_gemm`: int8 codes as they are, int4 dequantised a cache-sized block at a time).
 INT8_DEQUANT_ROWS = 16
 # bf16 activations on CPUs with AVX512_BF16: int8 weights by bf16 dot products on their nibbles, for 1-2 rows
 # whose x stays in L1 (1.2-1.6x the fp32 GEMV on one Zen 4 core; slower beyond these bounds)
@@ -56,8 +58,10 @@ Q8_BLOCK = 32
 # the panels (isolated matrices were level there)
 INT4_GEMV_ROWS = 128
 # the AVX2 build's GEMV (codes widened to fp32) against the panels, 2 Zen 4 cores capped at AVX2: 1.0-1.3x at
-# 96 rows, 0.95-1.1x at 128 (three MLP / attention shapes, g128)
+# 96 rows, 0.95-1.1x at 128 (three MLP / attention shapes, g128); against dsv2's C GEMM (where it is used,
+# `native.gemm_kind` 2): 2.1-2.6x at 4 rows, 1.0-1.1x at 16, 0.8-1.0x at 24, 0.7-0.8x at 64
 INT4_GEMV_ROWS_AVX2 = 96
+INT4_GEMV_ROWS_GEMM = 16
 _FALLBACK_DEQUANT_ROWS = {"int8": 128, "int4": 192}
 _PANEL = 1 << 20  # weight elements dequantised per panel (2 MiB in bf16: stays in the L2/L3 cache)
 # ... but never fewer rows than this: a panel of 64 rows (1M elements at K = 10,944) left the GEMM at 55-60%
@@ -166,6 +170,8 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_act: boo
         return native.int8_gemv_bf16(lib, x, q, scale).to(x.dtype)
     if x.shape[0] <= INT8_DEQUANT_ROWS:
         return native.int8_gemv(lib, x, q, scale).to(x.dtype)
+    if native.gemm_kind(lib) == 2 and _gemm_dtype(x) == torch.float32:  # fp32 FMAs on the codes as stored
+        return native.gemm(lib, x, q, scale).to(x.dtype)
     return panel_mm(x, q.shape[0], lambda r0, r1, out: native.int8_dequant(lib, q, scale, r0, r1, out))
 
 
@@ -314,11 +320,15 @@ class Int4Weight:
         if int8_act and not q8:
             x = round_activations_q8(x)
         gemv = (not q8 and lib is not None and x.dtype == self.scales_and_zeros.dtype == torch.bfloat16
-                and native.fast_int4_gemv(lib) and x.shape[0] <= _rows_limit(lib, INT4_GEMV_ROWS_AVX2, INT4_GEMV_ROWS))
+                and native.fast_int4_gemv(lib) and x.shape[0] <= _rows_limit(
+                    lib, INT4_GEMV_ROWS_GEMM if native.gemm_kind(lib) == 2 else INT4_GEMV_ROWS_AVX2, INT4_GEMV_ROWS))
+        gemm = False
         if not (q8 or gemv):  # many rows, or aten's kernel would misread the bytes (another layout): dequantised
             aten = aten_int4_layout()
             if lib is not None and (x.shape[0] > INT4_DEQUANT_ROWS or not aten):
-                return self._panels(lib, x)
+                gemm = native.gemm_kind(lib) == 2 and _gemm_dtype(x) == torch.float32
+                if not gemm:
+                    return self._panels(lib, x)
             if lib is None and (x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"] or not aten):
                 dt = _gemm_dtype(x)
                 return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
@@ -327,6 +337,8 @@ class Int4Weight:
             y = native.int4_gemv_q8(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
         elif gemv:
             y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
+        elif gemm:  # fp32 FMAs, the weight dequantised a cache-sized block at a time
+            y = native.int4_gemm(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp.contiguous(), self.packed, self.group_size,
                                                            self.scales_and_zeros)

@@ -45,6 +45,7 @@ _SIGNATURES = {
     "dsv2_round_q8": [_p, _int, _p, _int, _i64, _i64, _int],
     "dsv2_int8_gemv_q8": [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
     "dsv2_int4_gemv_q8": [_p, _int, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
+    "dsv2_gemm": [_p, _int, _i64, _p, _int, _i64, _p, _int, _i64, _p, _i64, _i64, _i64, _i64, _int],
 }
 
 
@@ -101,7 +102,7 @@ def library() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        for flag in ("dsv2_int4_gemv_fast", "dsv2_int8_gemv_bf16_fast", "dsv2_q8_fast"):
+        for flag in ("dsv2_int4_gemv_fast", "dsv2_int8_gemv_bf16_fast", "dsv2_q8_fast", "dsv2_gemm_fast"):
             getattr(lib, flag).argtypes, getattr(lib, flag).restype = [], _int
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
@@ -293,6 +294,52 @@ def int4_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: to
     y = torch.empty(m, np_, dtype=torch.float32)
     lib.dsv2_int4_gemv_q8(_ptr(x), int(x.dtype == torch.bfloat16), _ptr(packed), _ptr(sz), _ptr(xq), _ptr(d),
                           _ptr(xs), _ptr(y), m, np_, kp, group_size, torch.get_num_threads())
+    return y
+
+
+def gemm_kind(lib: ctypes.CDLL) -> int:
+    """This build's `dsv2_gemm`: 2 its vector path on a CPU without AVX512F (the fastest fp32 GEMM there: the
+    callers use it), 1 the vector path beside AVX512F (PyTorch's 512-bit GEMMs are used; tests call it),
+    0 a plain loop (tests only)."""
+    return int(lib.dsv2_gemm_fast())
+
+
+_GEMM_BF16, _GEMM_INT8, _GEMM_INT4 = 0, 1, 2
+
+
+def gemm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M,K) fp32/bf16 -> (M,N) fp32 = x @ wᵀ for a bf16 weight w (N,K), or (x @ qᵀ)·scale for int8 codes w
+    with a per-row scale (N,) fp32/bf16: fp32 products and sums on the weight as stored (no fp32 copy)."""
+    if (w.dtype == torch.int8) != (scale is not None) or w.dtype not in (torch.int8, torch.bfloat16):
+        raise TypeError(f"gemm takes a bf16 weight, or int8 codes with a scale; got {w.dtype} and "
+                        f"{'no scale' if scale is None else 'a scale'}")
+    if w.shape[1] != x.shape[-1]:
+        raise ValueError(f"gemm: activations have {x.shape[-1]} columns, the weight {w.shape[1]}")
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    scale = None if scale is None else scale.contiguous()
+    kind = _GEMM_BF16 if scale is None else _GEMM_INT8
+    return _gemm(lib, x, w, kind, w.stride(0), scale, 0, w.shape[0])
+
+
+def int4_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
+              ) -> torch.Tensor:
+    """x (M, Kp) fp32/bf16 -> (M, Np) fp32 = x @ Wᵀ for the packed int4 weight (Np, Kp/2) with scales_and_zeros
+    (Kp/g, Np, 2) fp32/bf16, W dequantised to fp32 a cache-sized block at a time (as `int4_dequant`)."""
+    packed, sz = packed.contiguous(), sz.contiguous()
+    if packed.shape[1] * 2 != x.shape[-1]:
+        raise ValueError(f"activations have {x.shape[-1]} columns, the packed weight {packed.shape[1] * 2}")
+    np_ = packed.shape[0]
+    return _gemm(lib, x, packed, _GEMM_INT4, np_, sz, group_size, np_)
+
+
+def _gemm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, kind: int, ldw: int, scale: torch.Tensor | None,
+          group: int, n: int) -> torch.Tensor:
+    x = _gemv_input(x)
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.dsv2_gemm(_ptr(x), int(x.dtype == torch.bfloat16), k, _ptr(w), kind, ldw,
+                  None if scale is None else _ptr(scale), 0 if scale is None else _scale_flag(scale), group,
+                  _ptr(y), n, m, n, k, torch.get_num_threads())
     return y
 
 
