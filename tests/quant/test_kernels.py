@@ -468,12 +468,14 @@ def test_activation_rounding_is_q8_and_c_agrees_bit_for_bit(kernels: str) -> Non
         assert torch.equal(a, b) and torch.equal(da, db)
 
 
-def test_c_int8_gemv_q8_matches_float64(kernels: str) -> None:
+def test_c_int8_gemv_q8_matches_float64(kernels: str, monkeypatch) -> None:
     """dsv2_int8_gemv_q8: 1..9 rows (row tiles of 4) and 33 / 40 (two weight rows at a time, an odd last
     one), 104 columns (a last block of 8), fp32 / bf16 x and scales, against the float64 product of the
-    rounded activations: the integer sums are exact, so only the fp32 accumulation of the blocks differs."""
+    rounded activations: the integer sums are exact, so only the fp32 accumulation of the blocks differs.
+    Row slices of 7 (`Q8_CHUNK_ROWS`, lowered) for the wrapper's slicing of many rows."""
     if kernels != "C":
         pytest.skip("C kernels only")
+    monkeypatch.setattr(native, "Q8_CHUNK_ROWS", 7)
     lib = native.library()
     q, s = quantize_int8(_w(37, 104))
     q[0, :4] = torch.tensor([-127, 127, 0, -1], dtype=torch.int8)
@@ -489,11 +491,12 @@ def test_c_int8_gemv_q8_matches_float64(kernels: str) -> None:
 
 
 @pytest.mark.parametrize("n, k", [(64, 128), (176, 256), (80, 64)])  # whole blocks; a last block of 48 / 16 rows
-def test_c_int4_gemv_q8_matches_float64(kernels: str, n: int, k: int) -> None:
+def test_c_int4_gemv_q8_matches_float64(kernels: str, n: int, k: int, monkeypatch) -> None:
     """dsv2_int4_gemv_q8 for 1..9 rows: scale · Σ code · rounded x + (zero - 8 scale) · Σ x per group, the
-    zero-point term from the exact x, in float64."""
+    zero-point term from the exact x, in float64; row slices of 7 (`Q8_CHUNK_ROWS`, lowered)."""
     if kernels != "C":
         pytest.skip("C kernels only")
+    monkeypatch.setattr(native, "Q8_CHUNK_ROWS", 7)
     lib = native.library()
     for group in (32, 64) if k % 64 == 0 else (32,):
         w4 = Int4Weight.quantize(_w(n, k), group, torch.bfloat16)
