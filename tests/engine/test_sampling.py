@@ -10,6 +10,7 @@ from dsv2.engine.sampling import (
     SamplingParams,
     apply_top_k,
     apply_top_p,
+    greedy_ids,
     is_finished,
     make_generator,
     sample_batch,
@@ -69,6 +70,20 @@ def test_greedy_is_argmax_and_filters_restrict_support() -> None:
     gen = make_generator(sp)
     draws = {sample_token(x, sp, gen) for _ in range(200)}
     assert draws == {1, 2}
+
+
+def test_greedy_ids_of_low_precision_logits_are_the_first_maximum() -> None:
+    """bf16 / fp16 logits (widened before the argmax): the index of the first largest value, ties included,
+    as a hand-written scan finds it."""
+    g = torch.Generator().manual_seed(3)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        x = (torch.randn(4, 1000, generator=g) * 4).to(dt)
+        x[1, 10] = x[1, 900] = x[1].max() + 1  # a tie: the first one wins
+        got = greedy_ids(x).tolist()
+        for row, i in zip(x.tolist(), got):
+            best = max(range(len(row)), key=lambda j: (row[j], -j))
+            assert i == best, dt
+        assert sample_token(x[1], SamplingParams(), None) == 10
 
 
 def test_seed_reproducible_and_independent_of_batch() -> None:

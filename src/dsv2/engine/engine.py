@@ -23,7 +23,7 @@ from dsv2.engine.cache import PagedCache
 from dsv2.engine.config import EngineConfig, EngineConfigError
 from dsv2.engine.detok import Detokenizer
 from dsv2.engine.runner import ModelRunner, SeqWork
-from dsv2.engine.sampling import SamplingParams, is_finished, sample_token, token_logprobs
+from dsv2.engine.sampling import SamplingParams, greedy_ids, is_finished, sample_token, token_logprobs
 from dsv2.engine.scheduler import Request, RequestError, Scheduler
 from dsv2.fuse import fuse_gate_up
 from dsv2.model import DeepseekV2
@@ -200,7 +200,7 @@ class Engine:
         greedy = [i for i, (r, _) in enumerate(ready) if r.params.greedy]
         toks: list[int | None] = [None] * len(ready)
         if greedy:
-            for i, t in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist()):
+            for i, t in zip(greedy, greedy_ids(logits[greedy]).tolist()):
                 toks[i] = int(t)
         for i, (req, row) in enumerate(ready):
             if not req.params.greedy:
