@@ -1245,31 +1245,16 @@ void dsv2_gemm(const void *x, int x_bf16, int64_t ldx, const void *w, int w_kind
     float *sf = NULL;
     if (w_kind == GM_INT8) {
         sf = (float *)malloc((size_t)N * sizeof(float));
+        if (!sf) { /* no memory for N floats: a result that cannot be mistaken for one */
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = 0; j < N; j++) y[i * ldy + j] = __builtin_nanf("");
+            return;
+        }
         for (int64_t j = 0; j < N; j++) sf[j] = load(scale, j, scale_bf16);
     }
-    if (K <= 0 || !GEMM_FAST) {
-#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
-        for (int64_t i = 0; i < M; i++)
-            for (int64_t j = 0; j < N; j++) {
-                float acc = 0.f, s, base;
-                for (int64_t k = 0; k < K; k++) {
-                    float wv;
-                    if (w_kind == GM_INT4) {
-                        int4_sb(scale, scale_bf16, ldw, k / g, j, &s, &base);
-                        wv = (float)int4_code((const uint8_t *)w, ldw, K, j, k) * s + base;
-                    } else {
-                        wv = w_kind == GM_INT8 ? (float)((const int8_t *)w)[j * ldw + k]
-                                               : bf2f(((const uint16_t *)w)[j * ldw + k]);
-                    }
-                    acc += load(x, i * ldx + k, x_bf16) * wv;
-                }
-                y[i * ldy + j] = sf ? acc * sf[j] : acc;
-            }
-        free(sf);
-        return;
-    }
 #if GEMM_FAST
-    /* chunks of whole panels, a multiple of the thread count where there are enough panels */
+    /* chunks of whole panels, a multiple of the thread count where there are enough panels; one packing
+     * buffer pair per thread, allocated here (an allocation that fails leaves the plain loop below) */
     const int64_t panels = (N + GM_NR - 1) / GM_NR;
     int64_t chunks = (panels + GM_NC / GM_NR - 1) / (GM_NC / GM_NR);
     if (chunks % nthreads) chunks += nthreads - chunks % nthreads;
@@ -1278,47 +1263,70 @@ void dsv2_gemm(const void *x, int x_bf16, int64_t ldx, const void *w, int w_kind
     chunks = (panels + per - 1) / per;
     const int f32 = w_kind == GM_INT4, esz = w_kind == GM_INT8 ? 1 : 2;
     const int64_t kb = f32 ? GM_KC4 : GM_KC, pesz = f32 ? 4 : 2; /* K block, panel element bytes */
-#pragma omp parallel num_threads(nthreads)
-    {
-        char *wp = (char *)aligned_alloc(64, (size_t)(per * GM_NR * kb * pesz));
-        float *xp = (float *)aligned_alloc(64, (size_t)GM_MC * kb * sizeof(float));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t ch = 0; ch < chunks; ch++) {
-            const int64_t j0 = ch * per * GM_NR, j1 = j0 + per * GM_NR < N ? j0 + per * GM_NR : N;
-            for (int64_t k0 = 0; k0 < K; k0 += kb) {
-                const int64_t kc = K - k0 < kb ? K - k0 : kb;
-                const int last = k0 + kc == K;
-                for (int64_t j = j0; j < j1; j += GM_NR) {
-                    char *panel = wp + (j - j0) * kc * pesz;
-                    if (f32)
-                        gm_pack_w4((const uint8_t *)w, scale, scale_bf16, ldw, K, g, j, k0, kc, (float *)panel);
-                    else
-                        gm_pack_w((const char *)w + j * ldw * esz, w_kind == GM_INT8, ldw,
-                                  j1 - j < GM_NR ? j1 - j : GM_NR, k0, kc, (uint16_t *)panel);
-                }
-                for (int64_t i0 = 0; i0 < M; i0 += GM_MC) {
-                    const int64_t mc = M - i0 < GM_MC ? M - i0 : GM_MC;
-                    gm_pack_x((const char *)x + i0 * ldx * (x_bf16 ? 2 : 4), x_bf16, ldx, mc, k0, kc, xp);
+    const size_t wsz = (size_t)(per * GM_NR * kb * pesz), xsz = (size_t)(GM_MC * kb) * sizeof(float);
+    char *wbuf = K > 0 ? (char *)aligned_alloc(64, wsz * (size_t)nthreads) : NULL;
+    char *xbuf = K > 0 ? (char *)aligned_alloc(64, xsz * (size_t)nthreads) : NULL;
+    if (wbuf && xbuf) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int t = 0; t < nthreads; t++) {
+            char *wp = wbuf + wsz * (size_t)t;
+            float *xp = (float *)(xbuf + xsz * (size_t)t);
+            for (int64_t ch = t; ch < chunks; ch += nthreads) {
+                const int64_t j0 = ch * per * GM_NR, j1 = j0 + per * GM_NR < N ? j0 + per * GM_NR : N;
+                for (int64_t k0 = 0; k0 < K; k0 += kb) {
+                    const int64_t kc = K - k0 < kb ? K - k0 : kb;
+                    const int last = k0 + kc == K;
                     for (int64_t j = j0; j < j1; j += GM_NR) {
-                        const char *panel = wp + (j - j0) * kc * pesz;
-                        const int nr = j1 - j < GM_NR ? (int)(j1 - j) : GM_NR;
-                        const float *s = last && sf ? sf + j : NULL;
-                        for (int64_t i = 0; i < mc; i += GM_MR) {
-                            const int mr = mc - i < GM_MR ? (int)(mc - i) : GM_MR;
-                            float *yt = y + (i0 + i) * ldy + j;
-                            if (f32)
-                                gm_tile(1, kc, xp + i * kc, panel, yt, ldy, k0 > 0, NULL, mr, nr);
-                            else
-                                gm_tile(0, kc, xp + i * kc, panel, yt, ldy, k0 > 0, s, mr, nr);
+                        char *panel = wp + (j - j0) * kc * pesz;
+                        if (f32)
+                            gm_pack_w4((const uint8_t *)w, scale, scale_bf16, ldw, K, g, j, k0, kc, (float *)panel);
+                        else
+                            gm_pack_w((const char *)w + j * ldw * esz, w_kind == GM_INT8, ldw,
+                                      j1 - j < GM_NR ? j1 - j : GM_NR, k0, kc, (uint16_t *)panel);
+                    }
+                    for (int64_t i0 = 0; i0 < M; i0 += GM_MC) {
+                        const int64_t mc = M - i0 < GM_MC ? M - i0 : GM_MC;
+                        gm_pack_x((const char *)x + i0 * ldx * (x_bf16 ? 2 : 4), x_bf16, ldx, mc, k0, kc, xp);
+                        for (int64_t j = j0; j < j1; j += GM_NR) {
+                            const char *panel = wp + (j - j0) * kc * pesz;
+                            const int nr = j1 - j < GM_NR ? (int)(j1 - j) : GM_NR;
+                            const float *s = last && sf ? sf + j : NULL;
+                            for (int64_t i = 0; i < mc; i += GM_MR) {
+                                const int mr = mc - i < GM_MR ? (int)(mc - i) : GM_MR;
+                                float *yt = y + (i0 + i) * ldy + j;
+                                if (f32)
+                                    gm_tile(1, kc, xp + i * kc, panel, yt, ldy, k0 > 0, NULL, mr, nr);
+                                else
+                                    gm_tile(0, kc, xp + i * kc, panel, yt, ldy, k0 > 0, s, mr, nr);
+                            }
                         }
                     }
                 }
             }
         }
-        free(wp);
-        free(xp);
+        free(wbuf), free(xbuf), free(sf);
+        return;
     }
+    free(wbuf), free(xbuf);
 #endif
+    /* the plain loop: builds without AVX2 + FMA (tests), K = 0, or no memory for the packing buffers */
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++) {
+            float acc = 0.f, s, base;
+            for (int64_t k = 0; k < K; k++) {
+                float wv;
+                if (w_kind == GM_INT4) {
+                    int4_sb(scale, scale_bf16, ldw, k / g, j, &s, &base);
+                    wv = (float)int4_code((const uint8_t *)w, ldw, K, j, k) * s + base;
+                } else {
+                    wv = w_kind == GM_INT8 ? (float)((const int8_t *)w)[j * ldw + k]
+                                           : bf2f(((const uint16_t *)w)[j * ldw + k]);
+                }
+                acc += load(x, i * ldx + k, x_bf16) * wv;
+            }
+            y[i * ldy + j] = sf ? acc * sf[j] : acc;
+        }
     free(sf);
 }
 
