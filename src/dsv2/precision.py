@@ -122,6 +122,11 @@ def upcast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     if lib is None:
         with torch.autocast("cpu", enabled=False):
             return F.linear(x.float(), w.float(), None if b is None else b.float())
+    return _c_gemm(lib, x, w, b)
+
+
+def _c_gemm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ wᵀ (+ b) by dsv2's C GEMM, fp32, in x's shape."""
     y = native.gemm(lib, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
     return y if b is None else y + b.float()
 
@@ -175,8 +180,9 @@ class CpuLinear(nn.Linear):
             if x.numel() == x.shape[-1]:
                 return F.linear(x, w, b)
         autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        if inference and not autocast and x.dtype == w.dtype and _gemm_library(w) is not None:
-            return upcast_linear(x, w, b).to(x.dtype)
+        lib = _gemm_library(w) if inference and not autocast and x.dtype == w.dtype else None
+        if lib is not None:  # dsv2's C GEMM on the weight as stored (`upcast_linear`)
+            return _c_gemm(lib, x, w, b).to(x.dtype)
         if (inference and not autocast and x.dtype == w.dtype and _onednn_packing()
                 and not torch.compiler.is_compiling()):  # inductor cannot take an opaque packed weight
             pw = derived(w, self, "_packed",

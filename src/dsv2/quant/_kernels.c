@@ -409,12 +409,27 @@ void dsv2_int8_dequant(const int8_t *q, const void *scale, int scale_bf16, void 
 
 /* ---- int4 ------------------------------------------------------------------------------------ */
 
+/* int4 code of row r, column k in dsv2's pack of Np rows, Kp columns (see the top of this file) */
+static inline int int4_code(const uint8_t *packed, int64_t Np, int64_t Kp, int64_t r, int64_t k) {
+    const int64_t full = Np / 64, b = r / 64, jr = r % 64;
+    const uint8_t *bp = packed + b * 32 * Kp;
+    if (b < full) return (bp[k * 32 + (jr & 31)] >> (jr < 32 ? 0 : 4)) & 15;
+    return (bp[k * ((Np - full * 64) / 2) + jr / 2] >> (4 * (jr & 1))) & 15;
+}
+
+/* group gi's scale and (zero - 8 scale) of row r: w = code * scale + base */
+static inline void int4_sb(const void *sz, int sz_bf16, int64_t Np, int64_t gi, int64_t r, float *s, float *base) {
+    const int64_t i = (gi * Np + r) * 2;
+    *s = load(sz, i, sz_bf16);
+    *base = load(sz, i + 1, sz_bf16) - 8.f * *s;
+}
+
 /* One dequantised row: codes (Kp,) one per byte, its group scales/zeros, written as fp32 or bf16. */
 static inline void int4_row(const uint8_t *codes, const void *sz, int sz_bf16, int64_t r, int64_t Np, int64_t k0,
                             int64_t kn, int64_t g, void *out, int out_bf16) {
     for (int64_t k = k0; k < k0 + kn; k += g) {
-        const int64_t i = ((k / g) * Np + r) * 2;
-        const float s = load(sz, i, sz_bf16), base = load(sz, i + 1, sz_bf16) - 8.f * s;
+        float s, base;
+        int4_sb(sz, sz_bf16, Np, k / g, r, &s, &base);
         const uint8_t *c = codes + (k - k0);
         if (out_bf16) {
             uint16_t *o = (uint16_t *)out + k;
@@ -509,33 +524,27 @@ static void int4_block_ref(const uint16_t *x, const int8_t *xq, const float *xd,
                            int64_t g, int64_t b) {
     /* x (bf16) for the exact product; or xq / xd, x rounded to int8 per 32 columns (dsv2_quant_q8): then
        scale * sum_b d_b * sum_{k in b} q_k xq_k, the zero term still from the exact sums xs */
-    const int64_t full = Np / 64, rows = b < full ? 64 : Np - full * 64, half = rows / 2;
-    const uint8_t *bp = packed + b * 32 * Kp;
-    const int64_t bytes_per_k = b < full ? 32 : half;
+    const int64_t full = Np / 64, rows = b < full ? 64 : Np - full * 64;
     for (int64_t j = 0; j < rows; j++) {
         const int64_t r = b * 64 + j;
-        /* full block: row j < 32 in the low nibble of byte j, row 32 + j in the high nibble of byte j;
-           short block: row 2i low, 2i + 1 high nibble of byte i */
-        const int64_t byte = rows == 64 ? j % 32 : j / 2;
-        const int shift = (rows == 64 ? j >= 32 : j % 2) ? 4 : 0;
         for (int64_t m = 0; m < M; m++) {
             float acc = 0.f;
             for (int64_t k0 = 0; k0 < Kp; k0 += g) {
-                const int64_t i = ((k0 / g) * Np + r) * 2;
-                const float s = bf2f(sz[i]), z = bf2f(sz[i + 1]);
+                float s, base;
+                int4_sb(sz, 1, Np, k0 / g, r, &s, &base);
                 float dot = 0.f;
                 for (int64_t kb = k0; kb < k0 + g; kb += 32) {
                     if (xq) {
                         int32_t t = 0;
                         for (int64_t k = kb; k < kb + 32; k++)
-                            t += (int32_t)((bp[k * bytes_per_k + byte] >> shift) & 15) * xq[m * Kp + k];
+                            t += (int32_t)int4_code(packed, Np, Kp, r, k) * xq[m * Kp + k];
                         dot += (float)t * xd[m * (Kp / 32) + kb / 32];
                     } else {
                         for (int64_t k = kb; k < kb + 32; k++)
-                            dot += (float)((bp[k * bytes_per_k + byte] >> shift) & 15) * bf2f(x[m * Kp + k]);
+                            dot += (float)int4_code(packed, Np, Kp, r, k) * bf2f(x[m * Kp + k]);
                     }
                 }
-                acc += s * dot + (z - 8.f * s) * xs[m * (Kp / g) + k0 / g];
+                acc += s * dot + base * xs[m * (Kp / g) + k0 / g];
             }
             y[m * Np + r] = acc;
         }
@@ -1053,21 +1062,6 @@ void dsv2_int4_gemv_q8(const void *x, int x_bf16, const uint8_t *packed, const u
 #define GM_MC 96
 #define GM_NC 1024 /* weight rows per chunk at most (a thread's unit of work; x is packed once per chunk) */
 enum { GM_BF16 = 0, GM_INT8 = 1, GM_INT4 = 2 };
-
-/* int4 code of row r, column k in dsv2's pack of Np rows, Kp columns (see the top of this file) */
-static inline int int4_code(const uint8_t *packed, int64_t Np, int64_t Kp, int64_t r, int64_t k) {
-    const int64_t full = Np / 64, b = r / 64, jr = r % 64;
-    const uint8_t *bp = packed + b * 32 * Kp;
-    if (b < full) return (bp[k * 32 + (jr & 31)] >> (jr < 32 ? 0 : 4)) & 15;
-    return (bp[k * ((Np - full * 64) / 2) + jr / 2] >> (4 * (jr & 1))) & 15;
-}
-
-/* group gi's scale and (zero - 8 scale) of row r: w = code * scale + base */
-static inline void int4_sb(const void *sz, int sz_bf16, int64_t Np, int64_t gi, int64_t r, float *s, float *base) {
-    const int64_t i = (gi * Np + r) * 2;
-    *s = load(sz, i, sz_bf16);
-    *base = load(sz, i + 1, sz_bf16) - 8.f * *s;
-}
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define GEMM_FAST 1

@@ -112,6 +112,12 @@ def _rows_limit(lib, avx2_rows: int, rows: int) -> int:
     return avx2_rows if native.int4_gemv_kind(lib) == 2 else rows
 
 
+def _c_gemm(lib, x: torch.Tensor) -> bool:
+    """Whether x's many-row products go to dsv2's C GEMM on the weight as stored: its vector path on a CPU
+    without AVX512F (`native.gemm_kind` 2), where the dense GEMM would run in fp32."""
+    return native.gemm_kind(lib) == 2 and _gemm_dtype(x) == torch.float32
+
+
 def panel_mm(x: torch.Tensor, n: int, dequant: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """x (M,K) @ Wᵀ -> (M,n) in x.dtype, for a weight W (n,K) that `dequant(r0, r1, out)` writes rows of:
     a panel of rows at a time into one reused buffer (cache-sized), each multiplied by the dense GEMM."""
@@ -170,7 +176,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_act: boo
         return native.int8_gemv_bf16(lib, x, q, scale).to(x.dtype)
     if x.shape[0] <= INT8_DEQUANT_ROWS:
         return native.int8_gemv(lib, x, q, scale).to(x.dtype)
-    if native.gemm_kind(lib) == 2 and _gemm_dtype(x) == torch.float32:  # fp32 FMAs on the codes as stored
+    if _c_gemm(lib, x):  # fp32 FMAs on the codes as stored
         return native.gemm(lib, x, q, scale).to(x.dtype)
     return panel_mm(x, q.shape[0], lambda r0, r1, out: native.int8_dequant(lib, q, scale, r0, r1, out))
 
@@ -326,7 +332,7 @@ class Int4Weight:
         if not (q8 or gemv):  # many rows, or aten's kernel would misread the bytes (another layout): dequantised
             aten = aten_int4_layout()
             if lib is not None and (x.shape[0] > INT4_DEQUANT_ROWS or not aten):
-                gemm = native.gemm_kind(lib) == 2 and _gemm_dtype(x) == torch.float32
+                gemm = _c_gemm(lib, x)
                 if not gemm:
                     return self._panels(lib, x)
             if lib is None and (x.shape[0] > _FALLBACK_DEQUANT_ROWS["int4"] or not aten):
