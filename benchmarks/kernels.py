@@ -14,8 +14,8 @@ and one sequence's MLA decode attention in C against upcasting its rows for two 
 int8-activation GEMVs (integer dot products on activations rounded to int8) against the exact ones, and at
 their row limits against the rounded activations' exact path (panels + GEMM); dequantised panels of 384+ rows
 against 1M-element ones. dsv2's C GEMM on bf16 / int8 / int4 weights as stored (CPUs without AVX512F) against
-the packed fp32 copy and the dequantised panels. `--only int8act` (or int4 / int8 / bf16 / emulated / panels /
-gemm) runs one section.
+the packed fp32 copy and the dequantised panels, and routed experts through it against per-call fp32
+copies. `--only int8act` (or int4 / int8 / bf16 / emulated / panels / gemm) runs one section.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dsv2 import precision
 from dsv2.engine import attention
-from dsv2.precision import CpuLinear, native_low_precision
+from dsv2.precision import CpuExperts, CpuLinear, native_low_precision
 from dsv2.quant import kernels, native
 from dsv2.quant.kernels import Int4Weight, aten_int4_layout, quantize_int8, unpack_int4
 
@@ -200,7 +200,8 @@ def panel_rows(lib, g: torch.Generator, n: int, k: int) -> None:
 def gemm_rows(lib, g: torch.Generator, n: int, k: int) -> None:
     """dsv2's C GEMM on the weights as stored (fp32 FMAs; used where bf16 GEMMs are emulated and the CPU has no
     AVX512F) against the paths it replaced: bf16 through CpuLinear's packed fp32 copy (oneDNN), int8 and int4
-    through dequantised panels and the dense fp32 GEMM, at batched-decode and prompt row counts."""
+    through dequantised panels and the dense fp32 GEMM, at batched-decode and prompt row counts; and V2-Lite's
+    routed experts (`CpuExperts`) against the fp32 copies they made per call before."""
     if native.gemm_kind(lib) == 0:
         return
     for nk in ((10_944, 2_048), (2_048, 10_944), (3_072, 2_048)):
@@ -232,6 +233,22 @@ def gemm_rows(lib, g: torch.Generator, n: int, k: int) -> None:
                     print(f"| {fmt} {nk[0]} x {nk[1]}, {m} rows | {old} {t[old] * 1e3:.2f} ms "
                           f"({flop / t[old] / 1e9:.0f} GFLOPS) | {new} {t[new] * 1e3:.2f} ms "
                           f"({flop / t[new] / 1e9:.0f} GFLOPS) | {t[old] / t[new]:.2f}x |", flush=True)
+
+
+    # routed experts of V2-Lite's shape (64 x 2,048 -> 1,408, 6 picks a token): each expert above CpuExperts'
+    # GEMV_ROWS through the C GEMM, against fp32 copies of its weights made per call (the path without it)
+    ex = CpuExperts(64, 2_048, 1_408, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    for m in (64, 512):
+        x = torch.randn(m, 2_048, generator=g).bfloat16()
+        idx = torch.stack([torch.randperm(64, generator=g)[:6] for _ in range(m)])
+        wts = torch.rand(m, 6, generator=g)
+        with torch.inference_mode():
+            t = best({"fp32 copies": lambda x=x, idx=idx, wts=wts: no_gemm_call(ex, x, idx, wts),
+                      "dsv2 GEMM": lambda x=x, idx=idx, wts=wts: ex(x, idx, wts)}, rounds=2, calls=1)
+        row(f"bf16 routed experts 64 x 2,048 -> 1,408, {m} tokens x 6 picks", "fp32 copies", "dsv2 GEMM", t)
 
 
 class no_c_gemm:
