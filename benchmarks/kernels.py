@@ -14,8 +14,9 @@ and one sequence's MLA decode attention in C against upcasting its rows for two 
 int8-activation GEMVs (integer dot products on activations rounded to int8) against the exact ones, and at
 their row limits against the rounded activations' exact path (panels + GEMM); dequantised panels of 384+ rows
 against 1M-element ones. dsv2's C GEMM on bf16 / int8 / int4 weights as stored (CPUs without AVX512F) against
-the packed fp32 copy and the dequantised panels, and routed experts through it against per-call fp32
-copies. `--only int8act` (or int4 / int8 / bf16 / emulated / panels / gemm) runs one section.
+the packed fp32 copy and the dequantised panels, int4's int8-activation GEMM against the GEMVs, and routed
+experts through the C GEMM against per-call fp32 copies. `--only int8act` (or int4 / int8 / bf16 / emulated /
+panels / gemm) runs one section.
 """
 
 from __future__ import annotations
@@ -200,8 +201,9 @@ def panel_rows(lib, g: torch.Generator, n: int, k: int) -> None:
 def gemm_rows(lib, g: torch.Generator, n: int, k: int) -> None:
     """dsv2's C GEMM on the weights as stored (fp32 FMAs; used where bf16 GEMMs are emulated and the CPU has no
     AVX512F) against the paths it replaced: bf16 through CpuLinear's packed fp32 copy (oneDNN), int8 and int4
-    through dequantised panels and the dense fp32 GEMM, at batched-decode and prompt row counts; and V2-Lite's
-    routed experts (`CpuExperts`) against the fp32 copies they made per call before."""
+    through dequantised panels and the dense fp32 GEMM, at batched-decode and prompt row counts; int4 with int8
+    activations, the integer GEMM against the 4-row GEMVs; and V2-Lite's routed experts (`CpuExperts`) against
+    the fp32 copies they made per call before."""
     if native.gemm_kind(lib) == 0:
         return
     for nk in ((10_944, 2_048), (2_048, 10_944), (3_072, 2_048)):
@@ -227,6 +229,12 @@ def gemm_rows(lib, g: torch.Generator, n: int, k: int) -> None:
                                   "dsv2 GEMM": lambda xp=xp, w4=w4: native.int4_gemm(lib, xp, w4.packed,
                                                                                      w4.scales_and_zeros, 128)},
                 }
+                if native.fast_q8(lib):  # int8 activations: the integer GEMM against the 4-row GEMVs it replaced
+                    pairs["int4 g128 a8"] = {
+                        "int8-act GEMVs": lambda xp=xp, w4=w4: native.int4_gemv_q8(lib, xp, w4.packed,
+                                                                                   w4.scales_and_zeros, 128),
+                        "int8-act GEMM": lambda xp=xp, w4=w4: native.int4_gemm_q8(lib, xp, w4.packed,
+                                                                                  w4.scales_and_zeros, 128)}
                 for fmt, fns in pairs.items():
                     t = best(fns, rounds=2, calls=1 if m == 512 else 3)
                     old, new = fns
@@ -267,7 +275,8 @@ def no_gemm_call(fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor
 
 
 def int4_q8_gemv(w4: Int4Weight, x: torch.Tensor) -> torch.Tensor:
-    """The int4 int8-activation GEMV at any row count (its row limit lifted for the call)."""
+    """The int4 int8-activation product at any row count (the GEMVs' row limit lifted for the call): the GEMVs,
+    or above `INT4_Q8_GEMM_ROWS` on the AVX2 build the integer GEMM."""
     saved, kernels.INT4_Q8_ROWS = kernels.INT4_Q8_ROWS, 1 << 30
     try:
         return w4.mm(x, True)

@@ -490,32 +490,38 @@ def test_c_int8_gemv_q8_matches_float64(kernels: str, monkeypatch) -> None:
                 assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (m, dt)
 
 
-@pytest.mark.parametrize("n, k", [(64, 128), (176, 256), (80, 64)])  # whole blocks; a last block of 48 / 16 rows
-def test_c_int4_gemv_q8_matches_float64(kernels: str, n: int, k: int, monkeypatch) -> None:
-    """dsv2_int4_gemv_q8 for 1..9 rows: scale · Σ code · rounded x + (zero - 8 scale) · Σ x per group, the
-    zero-point term from the exact x, in float64; row slices of 7 (`Q8_CHUNK_ROWS`, lowered)."""
+@pytest.mark.parametrize("n, k", [(64, 128), (176, 256), (80, 64), (1104, 1280)])
+def test_c_int4_q8_kernels_match_float64(kernels: str, n: int, k: int, monkeypatch) -> None:
+    """dsv2_int4_gemv_q8 for 1..9 rows and dsv2_int4_gemm_q8 for those and more: scale · Σ code · rounded x +
+    (zero - 8 scale) · Σ x per group, the zero-point term from the exact x, in float64. Shapes: whole 64-row
+    blocks, a last block of 48 / 16 rows; 1,104 x 1,280 gives the GEMM two weight-row chunks, K blocks of
+    512 + 512 + 256 and, at 101 rows, two row blocks (96 + 5) with a short 2-row tile. The GEMV's row slices
+    of 7 (`Q8_CHUNK_ROWS`, lowered)."""
     if kernels != "C":
         pytest.skip("C kernels only")
     monkeypatch.setattr(native, "Q8_CHUNK_ROWS", 7)
     lib = native.library()
-    for group in (32, 64) if k % 64 == 0 else (32,):
+    big = n > 1000
+    for group in ((128, 256) if big else (32, 64) if k % 64 == 0 else (32,)):
         w4 = Int4Weight.quantize(_w(n, k), group, torch.bfloat16)
         np_ = w4.packed.shape[0]
-        codes = unpack_int4(w4.packed, np_, k).double()  # (Np,K)
+        codes = unpack_int4(w4.packed, np_, k).double().view(np_, -1, group)  # (Np,K/g,g)
         sz = w4.scales_and_zeros.double()  # (K/g,Np,2)
         scale, zero = sz[..., 0].T, sz[..., 1].T  # (Np,K/g)
-        for m in range(1, 10):
+        for m in ((1, 4, 25, 101) if big else (*range(1, 10), 40)):
             x = _x(m, k, torch.bfloat16 if m % 2 else torch.float32)
-            xr = _rounded64(x)
-            ref = (xr.view(m, 1, -1, group) * codes.view(1, np_, -1, group)).sum(-1)  # (m,Np,K/g)
+            xr = _rounded64(x).view(m, -1, group)
+            ref = torch.einsum("mgk,ngk->mng", xr, codes)  # (m,Np,K/g)
             ref = (ref * scale).sum(-1) + x.double().view(m, -1, group).sum(-1) @ (zero - 8 * scale).T
-            y = native.int4_gemv_q8(lib, x, w4.packed, w4.scales_and_zeros, group)
-            assert y.shape == (m, np_) and y.dtype == torch.float32
-            assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (group, m)
-    with pytest.raises(TypeError, match="bf16 scales"):
-        native.int4_gemv_q8(lib, x, w4.packed, w4.scales_and_zeros.float(), group)
-    with pytest.raises(ValueError, match=f"activations have {k - 2} columns, the packed weight {k}"):
-        native.int4_gemv_q8(lib, x[:, 2:], w4.packed, w4.scales_and_zeros, group)
+            for fn in (native.int4_gemv_q8, native.int4_gemm_q8) if m < 10 else (native.int4_gemm_q8,):
+                y = fn(lib, x, w4.packed, w4.scales_and_zeros, group)
+                assert y.shape == (m, np_) and y.dtype == torch.float32
+                assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fn.__name__, group, m)
+    for fn in (native.int4_gemv_q8, native.int4_gemm_q8):
+        with pytest.raises(TypeError, match="bf16 scales"):
+            fn(lib, x, w4.packed, w4.scales_and_zeros.float(), group)
+        with pytest.raises(ValueError, match=f"activations have {k - 2} columns, the packed weight {k}"):
+            fn(lib, x[:, 2:], w4.packed, w4.scales_and_zeros, group)
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])

@@ -50,6 +50,12 @@ INT4_DEQUANT_ROWS = 24
 INT8_Q8_ROWS = 32
 INT4_Q8_ROWS = 1
 Q8_ROWS_AVX2 = 1 << 30
+# ... and above this many rows the AVX2 build's int4 takes the integer GEMM (`native.int4_gemm_q8`: 3 x 16
+# tiles of vpmaddubsw on unpacked panels) instead of the 4-row GEMVs: against them, 2 Zen 4 cores capped at
+# AVX2, g128, three MLP / attention shapes (`benchmarks/kernels.py --only gemm`): 0.7-0.95x at 4-16 rows,
+# 1.05-1.25x at 17, 1.14-1.39x at 32-64, 1.07-1.45x at 512 (152-283 GFLOPS-equivalent from 17 rows: above
+# the fp32 FMA peak of those cores, 226)
+INT4_Q8_GEMM_ROWS = 16
 Q8_BLOCK = 32
 # bf16 activations and scales, on CPUs with AVX512_BF16 + VBMI: dsv2's int4 GEMV (the codes become bf16 in
 # registers, one dot-product instruction per 32 multiply-adds; a 64-row block stays in L2 while every 4 rows
@@ -340,7 +346,9 @@ class Int4Weight:
                 return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
         xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # (M,Kp): zero activations, padding vanishes
         if q8:  # (zero columns round to zero codes and add nothing to the group sums)
-            y = native.int4_gemv_q8(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
+            q8_mm = native.int4_gemm_q8 if (x.shape[0] > INT4_Q8_GEMM_ROWS
+                                            and native.int4_gemv_kind(lib) == 2) else native.int4_gemv_q8
+            y = q8_mm(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
         elif gemv:
             y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
         elif gemm:  # fp32 FMAs, the weight dequantised a cache-sized block at a time

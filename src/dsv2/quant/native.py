@@ -45,6 +45,7 @@ _SIGNATURES = {
     "dsv2_round_q8": [_p, _int, _p, _int, _i64, _i64, _int],
     "dsv2_int8_gemv_q8": [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _int],
     "dsv2_int4_gemv_q8": [_p, _int, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
+    "dsv2_int4_gemm_q8": [_p, _int, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
     "dsv2_gemm": [_p, _int, _i64, _p, _int, _i64, _p, _int, _i64, _p, _i64, _i64, _i64, _i64, _int],
 }
 
@@ -288,9 +289,21 @@ def int8_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torc
 def int4_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
                  ) -> torch.Tensor:
     """x (M, Kp) fp32/bf16 -> (M, Np) fp32 = round_q8(x) @ Wᵀ for the packed int4 weight with bf16
-    scales_and_zeros (the zero-point term from the exact x)."""
+    scales_and_zeros (the zero-point term from the exact x): 4 activation rows at a time past the weight."""
+    return _int4_q8(lib, x, packed, sz, group_size, gemm=False)
+
+
+def int4_gemm_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
+                 ) -> torch.Tensor:
+    """`int4_gemv_q8`'s product for many rows: the integer GEMM (codes unpacked into cache-sized panels, 3 x 16
+    tiles of vpmaddubsw); the GEMVs where the library has no AVX2 path."""
+    return _int4_q8(lib, x, packed, sz, group_size, gemm=True)
+
+
+def _int4_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,
+             gemm: bool) -> torch.Tensor:
     if sz.dtype != torch.bfloat16:
-        raise TypeError(f"the int4 int8-activation GEMV takes bf16 scales, got {sz.dtype}")
+        raise TypeError(f"the int4 int8-activation kernels take bf16 scales, got {sz.dtype}")
     x, packed, sz = _gemv_input(x), packed.contiguous(), sz.contiguous()
     m, kp = x.shape
     np_ = packed.shape[0]
@@ -300,11 +313,12 @@ def int4_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: to
     d = torch.empty(m, kp // 32, dtype=torch.float32)
     xs = torch.empty(m, kp // group_size, dtype=torch.float32)
     y = torch.empty(m, np_, dtype=torch.float32)
-    for r0 in range(0, m, Q8_CHUNK_ROWS):
-        r1 = min(m, r0 + Q8_CHUNK_ROWS)
-        lib.dsv2_int4_gemv_q8(_ptr(x[r0:r1]), int(x.dtype == torch.bfloat16), _ptr(packed), _ptr(sz),
-                              _ptr(xq[r0:r1]), _ptr(d[r0:r1]), _ptr(xs[r0:r1]), _ptr(y[r0:r1]), r1 - r0, np_, kp,
-                              group_size, torch.get_num_threads())
+    step = m if gemm else Q8_CHUNK_ROWS  # (the GEMM keeps its own row blocks in the cache)
+    fn = lib.dsv2_int4_gemm_q8 if gemm else lib.dsv2_int4_gemv_q8
+    for r0 in range(0, m, max(step, 1)):
+        r1 = min(m, r0 + step)
+        fn(_ptr(x[r0:r1]), int(x.dtype == torch.bfloat16), _ptr(packed), _ptr(sz), _ptr(xq[r0:r1]), _ptr(d[r0:r1]),
+           _ptr(xs[r0:r1]), _ptr(y[r0:r1]), r1 - r0, np_, kp, group_size, torch.get_num_threads())
     return y
 
 
