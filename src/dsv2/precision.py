@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +107,12 @@ def _gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
 def _gemm_library(w: torch.Tensor) -> ctypes.CDLL | None:
     """dsv2's C kernel library when its GEMM on w as stored (bf16) is the one to use: inference and eager on the
     CPU, a build whose GEMM has its vector path on a CPU without AVX512F (`native.gemm_kind`); else None."""
-    if (w.dtype == torch.bfloat16 and w.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
+    return None if torch.compiler.is_compiling() else _gemm_library_traced(w)
+
+
+def _gemm_library_traced(w: torch.Tensor) -> ctypes.CDLL | None:
+    """`_gemm_library`, also while torch.compile traces (where the products go through `emulated_linear_op`)."""
+    if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not torch.is_grad_enabled():
         lib = native.library()
         if lib is not None and native.gemm_kind(lib) == 2:
             return lib
@@ -143,6 +148,33 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b.transpose(1, 2).to(a.dtype))
 
 
+def _emulated_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """CpuLinear's inference product of x (x.dtype == w.dtype) where bf16 is emulated, by dsv2's C kernels on
+    the weight as stored: a few rows through the C GEMV, more through the C GEMM; None where neither is there."""
+    lib = _gemv_library(x, w, _rows(x), UPCAST_GEMV_ROWS)
+    if lib is not None:
+        return _gemv(lib, x, w, b)
+    lib = _gemm_library(w)
+    return None if lib is None else _c_gemm(lib, x, w, b).to(x.dtype)
+
+
+# Under torch.compile (the engine's compiled decode step) the same products as one opaque op: tracing would stop
+# at the ctypes calls, and inductor would freeze an fp32 copy of every weight into the graph (twice the memory of
+# the bf16 model) for its own GEMMs. The op runs eagerly, so its routing is `_emulated_linear`'s.
+@torch.library.custom_op("dsv2::emulated_linear", mutates_args=())
+def emulated_linear_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    y = _emulated_linear(x, w, b)
+    if y is None:  # (the library went away between tracing and the call: fp32 products all the same)
+        with torch.autocast("cpu", enabled=False):
+            y = F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    return y.contiguous()
+
+
+@emulated_linear_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
 def _onednn_packing() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -173,16 +205,16 @@ class CpuLinear(nn.Linear):
         if out is None and native_low_precision(w.device, w.dtype):
             return linear(x, w, b)
         inference = not torch.is_grad_enabled()
-        if inference and x.dtype == w.dtype:  # a few rows through the C GEMV, or one row: as stored
-            lib = _gemv_library(x, w, _rows(x), UPCAST_GEMV_ROWS)
-            if lib is not None:
-                return _gemv(lib, x, w, b)
-            if x.numel() == x.shape[-1]:
-                return F.linear(x, w, b)
         autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        lib = _gemm_library(w) if inference and not autocast and x.dtype == w.dtype else None
-        if lib is not None:  # dsv2's C GEMM on the weight as stored (`upcast_linear`)
-            return _c_gemm(lib, x, w, b).to(x.dtype)
+        if inference and x.dtype == w.dtype:
+            if not autocast and torch.compiler.is_compiling() and _gemm_library_traced(w) is not None:
+                return emulated_linear_op(x, w, b)  # the C kernels below, as one opaque op of the graph
+            # a few rows through the C GEMV, more through the C GEMM (`upcast_linear`), on the weight as stored
+            y = _emulated_linear(x, w, b) if not autocast or _rows(x) <= UPCAST_GEMV_ROWS else None
+            if y is not None:
+                return y
+            if x.numel() == x.shape[-1]:  # one row: as stored
+                return F.linear(x, w, b)
         if (inference and not autocast and x.dtype == w.dtype and _onednn_packing()
                 and not torch.compiler.is_compiling()):  # inductor cannot take an opaque packed weight
             pw = derived(w, self, "_packed",

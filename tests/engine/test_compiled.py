@@ -142,6 +142,55 @@ def test_compiled_quantised_engine_equals_eager(weights: str, act8: bool) -> Non
         assert abs(la.logprob - lb.logprob) < 1e-5
 
 
+def test_compiled_emulated_bf16_engine_equals_eager(monkeypatch) -> None:
+    """Where bf16 is emulated (forced here on any machine) the compiled step's bf16 linears are the opaque op
+    dsv2::emulated_linear: dsv2's C GEMV / GEMM on the weights as stored, as eagerly, instead of fp32 copies
+    frozen into the graph: the op called for the linears of the compiled steps, no fp32 copy made, and the
+    first decode step's distribution the eager one within bf16 rounding (the random bf16 model's top tokens
+    lie within 1e-3 of each other, so later tokens may differ by rounding alone). One graph, ~20 s."""
+    from dsv2 import precision
+    from dsv2.quant import native
+
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no C compiler: the C kernels cannot be built here")
+    monkeypatch.setitem(precision._NATIVE, torch.bfloat16, False)
+    native.gemm_kind(lib)  # the build flags, read once: set as on an AVX2 build, through the accessor the
+    monkeypatch.setitem(native._state["flags"][1], "dsv2_gemm_fast", 2)  # graph's tracing calls
+    assert native.gemm_kind(lib) == 2
+    calls: list[tuple[int, ...]] = []
+    eager_linear = precision._emulated_linear
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+        calls.append(tuple(x.shape))
+        return eager_linear(x, w, b)
+
+    monkeypatch.setattr(precision, "_emulated_linear", counted)
+    sp = SamplingParams(max_new_tokens=3, logprobs=5)
+    outs, counts = {}, {}
+    for compile_ in (False, True):
+        model = tiny_model(dtype=torch.bfloat16)
+        eng = Engine(model, max_tokens=256, block_size=16, compile=compile_)
+        req = eng.add_request([1, 5, 9, 33, 7], sp)
+        eng.step()  # the prompt: eager both ways
+        calls.clear()
+        while eng.has_unfinished():
+            eng.step()
+        outs[compile_], counts[compile_] = req, len(calls)
+        assert not any(hasattr(m, "_packed") for m in model.modules())
+        if compile_:
+            assert sorted(eng.runner.compiled.graphs) == [(1, 16)] and not eng.runner.compiled.failed
+    # every linear of the decode steps through dsv2's kernels both ways (compiled: inductor also runs the
+    # captured graph once while compiling it)
+    assert counts[True] >= counts[False] > 0
+    a, b = outs[False], outs[True]
+    assert a.output[0] == b.output[0]
+    first = [dict(r.logprobs[1].top) for r in (a, b)]  # the first decode step, from the same inputs
+    common = first[0].keys() & first[1].keys()
+    assert len(common) >= 4
+    assert max(abs(first[0][t] - first[1][t]) for t in common) < 0.02
+
+
 def test_paged_latent_decode_matches_float64() -> None:
     """The compiled step's attention op over a paged pool (blocks out of order, a run of consecutive ones, a
     partly filled last block, a padded batch row) against softmax(q·rowsᵀ·scale) @ rows[:, :C] in float64."""

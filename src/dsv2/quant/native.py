@@ -103,7 +103,7 @@ def library() -> ctypes.CDLL | None:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        for flag in ("dsv2_int4_gemv_fast", "dsv2_int8_gemv_bf16_fast", "dsv2_q8_fast", "dsv2_gemm_fast"):
+        for flag in _FLAGS:
             getattr(lib, flag).argtypes, getattr(lib, flag).restype = [], _int
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or ""
@@ -113,6 +113,19 @@ def library() -> ctypes.CDLL | None:
         lib = None
     _state["lib"] = lib
     return lib
+
+
+_FLAGS = ("dsv2_int4_gemv_fast", "dsv2_int8_gemv_bf16_fast", "dsv2_q8_fast", "dsv2_gemm_fast")
+
+
+def _flag(lib: ctypes.CDLL, name: str) -> int:
+    """One of the library's build flags (which vector paths it has), read once per library: kernels ask on every
+    call, and torch.compile's tracing (`precision.CpuLinear` decides there) cannot call into ctypes."""
+    cached = _state.get("flags")
+    if cached is None or cached[0] is not lib:
+        cached = (lib, {f: int(getattr(lib, f)()) for f in _FLAGS})
+        _state["flags"] = cached
+    return cached[1][name]
 
 
 def reset() -> None:
@@ -153,7 +166,7 @@ def _gemv_input(x: torch.Tensor) -> torch.Tensor:
 
 def fast_int8_bf16_gemv(lib: ctypes.CDLL) -> bool:
     """Whether this build's `dsv2_int8_gemv_bf16` has its vector path (AVX512_BF16)."""
-    return bool(lib.dsv2_int8_gemv_bf16_fast())
+    return bool(_flag(lib, "dsv2_int8_gemv_bf16_fast"))
 
 
 def int8_gemv_bf16(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -215,7 +228,7 @@ def int4_dequant(lib: ctypes.CDLL, packed: torch.Tensor, sz: torch.Tensor, group
 def int4_gemv_kind(lib: ctypes.CDLL) -> int:
     """Which vector path this build's int4 GEMV has: 1 AVX512_BF16 + VBMI, 2 AVX2 + FMA (the build for CPUs
     without native bf16), 0 none."""
-    return int(lib.dsv2_int4_gemv_fast())
+    return _flag(lib, "dsv2_int4_gemv_fast")
 
 
 def fast_int4_gemv(lib: ctypes.CDLL) -> bool:
@@ -250,7 +263,7 @@ Q8_CHUNK_ROWS = 512
 def fast_q8(lib: ctypes.CDLL) -> bool:
     """Whether this build's int8-activation kernels have their vector path (AVX2); elsewhere they are plain
     loops that tests call but the kernels do not."""
-    return bool(lib.dsv2_q8_fast())
+    return bool(_flag(lib, "dsv2_q8_fast"))
 
 
 def quant_q8(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +339,7 @@ def gemm_kind(lib: ctypes.CDLL) -> int:
     """This build's `dsv2_gemm`: 2 its vector path on a CPU without AVX512F (the fastest fp32 GEMM there: the
     callers use it), 1 the vector path beside AVX512F (PyTorch's 512-bit GEMMs are used; tests call it),
     0 a plain loop (tests only)."""
-    return int(lib.dsv2_gemm_fast())
+    return _flag(lib, "dsv2_gemm_fast")
 
 
 _GEMM_BF16, _GEMM_INT8, _GEMM_INT4 = 0, 1, 2
