@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +161,7 @@ def _emulated_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
 # at the ctypes calls, and inductor would freeze an fp32 copy of every weight into the graph (twice the memory of
 # the bf16 model) for its own GEMMs. The op runs eagerly, so its routing is `_emulated_linear`'s.
 @torch.library.custom_op("dsv2::emulated_linear", mutates_args=())
-def emulated_linear_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def emulated_linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     y = _emulated_linear(x, w, b)
     if y is None:  # (the library went away between tracing and the call: fp32 products all the same)
         with torch.autocast("cpu", enabled=False):
@@ -171,7 +170,7 @@ def emulated_linear_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
 
 
 @emulated_linear_op.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

@@ -1218,6 +1218,18 @@ static inline __attribute__((always_inline)) void gm_tile(const int f32, int64_t
 #define GEMM_FAST 0
 #endif
 
+#if GEMM_FAST
+/* The GEMMs' units of work: chunks of whole 16-row panels (up to GM_NC rows), a multiple of the thread count
+ * where there are enough panels; *per = panels per chunk (the last chunk may have fewer) */
+static int64_t gm_chunks(int64_t panels, int nthreads, int64_t *per) {
+    int64_t chunks = (panels + GM_NC / GM_NR - 1) / (GM_NC / GM_NR);
+    if (chunks % nthreads) chunks += nthreads - chunks % nthreads;
+    if (chunks > panels) chunks = panels;
+    *per = (panels + chunks - 1) / chunks;
+    return (panels + *per - 1) / *per;
+}
+#endif
+
 /* 2: the vector path, on a build without AVX512F (where it is the fastest fp32 GEMM: MKL / oneDNN run the same
  * 256-bit FMAs, on an fp32 copy); 1: the vector path beside AVX512F (tests call it; the callers keep
  * PyTorch's 512-bit GEMMs there); 0: a plain loop */
@@ -1248,14 +1260,10 @@ void dsv2_gemm(const void *x, int x_bf16, int64_t ldx, const void *w, int w_kind
         for (int64_t j = 0; j < N; j++) sf[j] = load(scale, j, scale_bf16);
     }
 #if GEMM_FAST
-    /* chunks of whole panels, a multiple of the thread count where there are enough panels; one packing
-     * buffer pair per thread, allocated here (an allocation that fails leaves the plain loop below) */
+    /* one packing buffer pair per thread, allocated here (an allocation that fails leaves the plain loop below) */
     const int64_t panels = (N + GM_NR - 1) / GM_NR;
-    int64_t chunks = (panels + GM_NC / GM_NR - 1) / (GM_NC / GM_NR);
-    if (chunks % nthreads) chunks += nthreads - chunks % nthreads;
-    if (chunks > panels) chunks = panels;
-    const int64_t per = (panels + chunks - 1) / chunks; /* panels per chunk */
-    chunks = (panels + per - 1) / per;
+    int64_t per; /* panels per chunk */
+    const int64_t chunks = gm_chunks(panels, nthreads, &per);
     const int f32 = w_kind == GM_INT4, esz = w_kind == GM_INT8 ? 1 : 2;
     const int64_t kb = f32 ? GM_KC4 : GM_KC, pesz = f32 ? 4 : 2; /* K block, panel element bytes */
     const size_t wsz = (size_t)(per * GM_NR * kb * pesz), xsz = (size_t)(GM_MC * kb) * sizeof(float);
@@ -1429,11 +1437,8 @@ void dsv2_int4_gemm_q8(const void *x, int x_bf16, const uint8_t *packed, const u
                        float *xs, float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int nthreads) {
 #if Q8_FAST
     const int64_t panels = Np / 16, nb = Kp / 32, ng = Kp / g, kb = g > GQ_KC ? g : GQ_KC;
-    int64_t chunks = (panels + GM_NC / 16 - 1) / (GM_NC / 16);
-    if (chunks % nthreads) chunks += nthreads - chunks % nthreads;
-    if (chunks > panels) chunks = panels;
-    const int64_t per = (panels + chunks - 1) / chunks;
-    chunks = (panels + per - 1) / per;
+    int64_t per;
+    const int64_t chunks = gm_chunks(panels, nthreads, &per);
     const int64_t mcs = (GM_MC + GQ_MR - 1) / GQ_MR; /* micro-panels of x per MC block */
     const size_t wsz = (size_t)(per * 16 * kb + per * 32 * (kb / g) * sizeof(float));
     const size_t xsz = (size_t)mcs * GQ_MR * (size_t)(kb + (kb / 32 + kb / g) * sizeof(float));
