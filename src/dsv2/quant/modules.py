@@ -226,9 +226,7 @@ class QuantExperts(_Quantised):
         for e, xe in enumerate(xs.split(counts)):
             if not counts[e]:
                 continue
-            gu = self._mm("gate_up_", (e,), xe, 2 * self.hidden, self.dim)  # (c,2I)
-            h = F.silu(gu[:, : self.hidden]) * gu[:, self.hidden:]  # (c,I)
-            outs.append(self._mm("down_", (e,), h, self.dim, self.hidden))  # (c,D)
+            outs.append(self._expert(e, xe))  # (c,D)
         if not outs:
             return torch.zeros_like(x)
         ys = torch.cat(outs).float() * weight.flatten()[order, None].float()  # (P,D)
@@ -240,10 +238,13 @@ class QuantExperts(_Quantised):
         x1 = x.to(self.dtype)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, w in zip(experts, weight.float()):
-            gu = self._mm("gate_up_", (e,), x1, 2 * self.hidden, self.dim)  # (1,2I)
-            h = F.silu(gu[:, : self.hidden]) * gu[:, self.hidden:]  # (1,I)
-            out += w * self._mm("down_", (e,), h, self.dim, self.hidden).float()
+            out += w * self._expert(e, x1).float()
         return out.to(x.dtype)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on its tokens x (c,D) in self.dtype -> (c,D): one product for gate and up."""
+        gu = self._mm("gate_up_", (e,), x, 2 * self.hidden, self.dim)  # (c,2I)
+        return self._mm("down_", (e,), F.silu(gu[:, : self.hidden]) * gu[:, self.hidden:], self.dim, self.hidden)
 
     def dequantised(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate (E,I,D), up (E,I,D), down (E,D,I) in `dtype`, for tests and references."""
