@@ -341,14 +341,17 @@ def test_c_library_that_cannot_be_built_falls_back_with_a_warning(kernels: str, 
 
 
 def test_c_bf16_gemv_matches_float64(kernels: str) -> None:
+    """dsv2_bf16_bgemv on one weight: 1..17 rows (the 4-row tiles; 9-16 rows, on AVX2 builds, x packed once
+    against 6-row weight tiles, 37 rows = a short last tile), an odd depth (the 4-row tiles at every count)."""
     if kernels != "C":
         pytest.skip("C kernels only")
     lib = native.library()
-    w = _w(37, 104).bfloat16()
-    for m in range(1, 10):
-        x = _x(m, 104, torch.bfloat16)
-        ref = x.double() @ w.double().T
-        assert (native.bf16_gemv(lib, x, w).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for k in (104, 105):
+        w = _w(37, k).bfloat16()
+        for m in (*range(1, 13), 16, 17):
+            x = _x(m, k, torch.bfloat16 if m % 2 else torch.float32)
+            ref = x.double() @ w.double().T
+            assert (native.bf16_gemv(lib, x, w).double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (k, m)
 
 
 def test_c_gemm_matches_float64(kernels: str) -> None:
