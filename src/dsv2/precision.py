@@ -149,13 +149,15 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b.transpose(1, 2).to(a.dtype))
 
 
-def _emulated_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+def _emulated_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                     gemm: bool = True) -> torch.Tensor | None:
     """CpuLinear's inference product of x (x.dtype == w.dtype) where bf16 is emulated, by dsv2's C kernels on
-    the weight as stored: a few rows through the C GEMV, more through the C GEMM; None where neither is there."""
+    the weight as stored: a few rows through the C GEMV, more through the C GEMM (unless `gemm` is off: under
+    autocast); None where neither is there."""
     lib = _gemv_library(x, w, _rows(x), UPCAST_GEMV_ROWS)
     if lib is not None:
         return _gemv(lib, x, w, b)
-    lib = _gemm_library(w)
+    lib = _gemm_library(w) if gemm else None
     return None if lib is None else _c_gemm(lib, x, w, b).to(x.dtype)
 
 
@@ -166,8 +168,7 @@ def _emulated_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
 def emulated_linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     y = _emulated_linear(x, w, b)
     if y is None:  # (the library went away between tracing and the call: fp32 products all the same)
-        with torch.autocast("cpu", enabled=False):
-            y = F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+        y = upcast_linear(x, w, b).to(x.dtype)
     return y.contiguous()
 
 
@@ -211,7 +212,7 @@ class CpuLinear(nn.Linear):
             if not autocast and torch.compiler.is_compiling() and _gemm_library_traced(w) is not None:
                 return emulated_linear_op(x, w, b)  # the C kernels below, as one opaque op of the graph
             # a few rows through the C GEMV, more through the C GEMM (`upcast_linear`), on the weight as stored
-            y = _emulated_linear(x, w, b) if not autocast or _rows(x) <= UPCAST_GEMV_ROWS else None
+            y = _emulated_linear(x, w, b, gemm=not autocast)
             if y is not None:
                 return y
             if x.numel() == x.shape[-1]:  # one row: as stored

@@ -161,9 +161,9 @@ def test_compiled_emulated_bf16_engine_equals_eager(monkeypatch) -> None:
     calls: list[tuple[int, ...]] = []
     eager_linear = precision._emulated_linear
 
-    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, **kw: bool) -> torch.Tensor | None:
         calls.append(tuple(x.shape))
-        return eager_linear(x, w, b)
+        return eager_linear(x, w, b, **kw)
 
     monkeypatch.setattr(precision, "_emulated_linear", counted)
     sp = SamplingParams(max_new_tokens=4, logprobs=5)

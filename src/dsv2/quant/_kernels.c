@@ -1015,14 +1015,25 @@ static inline __attribute__((always_inline)) void int4q8_block_q(const int8_t *x
 }
 #endif
 
+/* The int4 int8-activation kernels' view of x (M, Kp), fp32 or bf16: its int8 codes xq and scales xd per 32
+ * columns (dsv2_quant_q8) and its exact group sums xs (M, Kp / g), a row per thread */
+static void int4_q8_prepare(const void *x, int x_bf16, int8_t *xq, float *xd, float *xs, int64_t M, int64_t Kp,
+                            int64_t g, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const char *xm = (const char *)x + m * Kp * (x_bf16 ? 2 : 4);
+        int4_group_sums(xm, x_bf16, xs + m * (Kp / g), 1, Kp, g);
+        dsv2_quant_q8(xm, x_bf16, xq + m * Kp, xd + m * (Kp / 32), 1, Kp);
+    }
+}
+
 /* y (M, Np) fp32 = x (M, Kp) @ W^T for the int4 weight (packed, bf16 sz) with x rounded to int8 per 32
  * columns (into the scratch xq (M, Kp), xd (M, Kp / 32)); xs (M, Kp / g) the exact group sums of x. x is
  * bf16 (x_bf16) or fp32. */
 void dsv2_int4_gemv_q8(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *sz, int8_t *xq, float *xd,
                        float *xs, float *y, int64_t M, int64_t Np, int64_t Kp, int64_t g, int nthreads) {
     const int64_t nb = (Np + 63) / 64;
-    int4_group_sums(x, x_bf16, xs, M, Kp, g);
-    dsv2_quant_q8(x, x_bf16, xq, xd, M, Kp);
+    int4_q8_prepare(x, x_bf16, xq, xd, xs, M, Kp, g, nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < nb; b++) {
 #if Q8_FAST
@@ -1503,57 +1514,51 @@ void dsv2_int4_gemm_q8(const void *x, int x_bf16, const uint8_t *packed, const u
     int64_t per;
     const int64_t chunks = gm_chunks(panels, nthreads, &per);
     const int64_t mcs = (GM_MC + GQ_MR - 1) / GQ_MR; /* micro-panels of x per MC block */
-    const size_t wsz = (size_t)(per * 16 * kb + per * 32 * (kb / g) * sizeof(float));
-    const size_t xsz = (size_t)mcs * GQ_MR * (size_t)(kb + (kb / 32 + kb / g) * sizeof(float));
-    char *wbuf = M > 0 && Kp > 0 ? (char *)aligned_alloc(64, (wsz + 63) / 64 * 64 * (size_t)nthreads) : NULL;
-    char *xbuf = M > 0 && Kp > 0 ? (char *)aligned_alloc(64, (xsz + 63) / 64 * 64 * (size_t)nthreads) : NULL;
+    /* per thread (64-byte multiples): the chunk's panels + scales and bases; MC rows of x's micro-panels */
+    const size_t wsz = ((size_t)(per * 16 * kb + per * 32 * (kb / g) * sizeof(float)) + 63) / 64 * 64;
+    const size_t xsz = ((size_t)mcs * GQ_MR * (size_t)(kb + (kb / 32 + kb / g) * sizeof(float)) + 63) / 64 * 64;
+    char *wbuf = M > 0 && Kp > 0 ? (char *)aligned_alloc(64, wsz * (size_t)nthreads) : NULL;
+    char *xbuf = M > 0 && Kp > 0 ? (char *)aligned_alloc(64, xsz * (size_t)nthreads) : NULL;
     if (wbuf && xbuf) {
-#pragma omp parallel num_threads(nthreads)
-        {
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) {
-                int4_group_sums((const char *)x + m * Kp * (x_bf16 ? 2 : 4), x_bf16, xs + m * ng, 1, Kp, g);
-                dsv2_quant_q8((const char *)x + m * Kp * (x_bf16 ? 2 : 4), x_bf16, xq + m * Kp, xd + m * nb, 1, Kp);
-            }
-#pragma omp for schedule(static)
-            for (int t = 0; t < nthreads; t++) {
-                uint8_t *wp = (uint8_t *)(wbuf + (wsz + 63) / 64 * 64 * (size_t)t);
-                char *xp = xbuf + (xsz + 63) / 64 * 64 * (size_t)t;
-                for (int64_t ch = t; ch < chunks; ch += nthreads) {
-                    const int64_t j0 = ch * per * 16, j1 = j0 + per * 16 < Np ? j0 + per * 16 : Np;
-                    for (int64_t k0 = 0; k0 < Kp; k0 += kb) {
-                        const int64_t kc = Kp - k0 < kb ? Kp - k0 : kb, gc = kc / g;
-                        float *sbp = (float *)(wp + per * 16 * kc);
-                        for (int64_t j = j0; j < j1; j += 16)
-                            gq_pack_w(packed, sz, Np, Kp, g, j, k0, kc, wp + (j - j0) * kc, sbp + (j - j0) / 16 * 32 * gc);
-                        for (int64_t i0 = 0; i0 < M; i0 += GM_MC) {
-                            const int64_t mc = M - i0 < GM_MC ? M - i0 : GM_MC;
-                            /* x micro-panels: [kc/4][3] code words, then [kc/32][3] d, then [kc/g][3] group sums */
-                            const size_t psz = GQ_MR * (size_t)(kc + (kc / 32 + gc) * sizeof(float));
-                            for (int64_t i = 0; i < mc; i += GQ_MR) {
-                                int32_t *pa = (int32_t *)(xp + (size_t)(i / GQ_MR) * psz);
-                                float *pd = (float *)(pa + kc / 4 * GQ_MR), *ps = pd + kc / 32 * GQ_MR;
-                                for (int r = 0; r < GQ_MR; r++) {
-                                    const int64_t m = i0 + i + r;
-                                    for (int64_t q = 0; q < kc / 4; q++) {
-                                        int32_t v = 0;
-                                        if (m < M) memcpy(&v, xq + m * Kp + k0 + 4 * q, 4);
-                                        pa[q * GQ_MR + r] = v;
-                                    }
-                                    for (int64_t q = 0; q < kc / 32; q++) pd[q * GQ_MR + r] = m < M ? xd[m * nb + k0 / 32 + q] : 0.f;
-                                    for (int64_t q = 0; q < gc; q++) ps[q * GQ_MR + r] = m < M ? xs[m * ng + k0 / g + q] : 0.f;
+        int4_q8_prepare(x, x_bf16, xq, xd, xs, M, Kp, g, nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int t = 0; t < nthreads; t++) {
+            uint8_t *wp = (uint8_t *)(wbuf + wsz * (size_t)t);
+            char *xp = xbuf + xsz * (size_t)t;
+            for (int64_t ch = t; ch < chunks; ch += nthreads) {
+                const int64_t j0 = ch * per * 16, j1 = j0 + per * 16 < Np ? j0 + per * 16 : Np;
+                for (int64_t k0 = 0; k0 < Kp; k0 += kb) {
+                    const int64_t kc = Kp - k0 < kb ? Kp - k0 : kb, gc = kc / g;
+                    float *sbp = (float *)(wp + per * 16 * kc);
+                    for (int64_t j = j0; j < j1; j += 16)
+                        gq_pack_w(packed, sz, Np, Kp, g, j, k0, kc, wp + (j - j0) * kc, sbp + (j - j0) / 16 * 32 * gc);
+                    for (int64_t i0 = 0; i0 < M; i0 += GM_MC) {
+                        const int64_t mc = M - i0 < GM_MC ? M - i0 : GM_MC;
+                        /* x micro-panels: [kc/4][3] code words, then [kc/32][3] d, then [kc/g][3] group sums */
+                        const size_t psz = GQ_MR * (size_t)(kc + (kc / 32 + gc) * sizeof(float));
+                        for (int64_t i = 0; i < mc; i += GQ_MR) {
+                            int32_t *pa = (int32_t *)(xp + (size_t)(i / GQ_MR) * psz);
+                            float *pd = (float *)(pa + kc / 4 * GQ_MR), *ps = pd + kc / 32 * GQ_MR;
+                            for (int r = 0; r < GQ_MR; r++) {
+                                const int64_t m = i0 + i + r;
+                                for (int64_t q = 0; q < kc / 4; q++) {
+                                    int32_t v = 0;
+                                    if (m < M) memcpy(&v, xq + m * Kp + k0 + 4 * q, 4);
+                                    pa[q * GQ_MR + r] = v;
                                 }
+                                for (int64_t q = 0; q < kc / 32; q++) pd[q * GQ_MR + r] = m < M ? xd[m * nb + k0 / 32 + q] : 0.f;
+                                for (int64_t q = 0; q < gc; q++) ps[q * GQ_MR + r] = m < M ? xs[m * ng + k0 / g + q] : 0.f;
                             }
-                            for (int64_t j = j0; j < j1; j += 16) {
-                                const uint8_t *pw = wp + (j - j0) * kc;
-                                const float *psb = sbp + (j - j0) / 16 * 32 * gc;
-                                const int nr = j1 - j < 16 ? (int)(j1 - j) : 16;
-                                for (int64_t i = 0; i < mc; i += GQ_MR) {
-                                    const int32_t *pa = (const int32_t *)(xp + (size_t)(i / GQ_MR) * psz);
-                                    const float *pd = (const float *)(pa + kc / 4 * GQ_MR), *ps = pd + kc / 32 * GQ_MR;
-                                    const int mr = mc - i < GQ_MR ? (int)(mc - i) : GQ_MR;
-                                    gq_tile(kc, g, pa, pd, ps, pw, psb, y + (i0 + i) * Np + j, Np, k0 > 0, mr, nr);
-                                }
+                        }
+                        for (int64_t j = j0; j < j1; j += 16) {
+                            const uint8_t *pw = wp + (j - j0) * kc;
+                            const float *psb = sbp + (j - j0) / 16 * 32 * gc;
+                            const int nr = j1 - j < 16 ? (int)(j1 - j) : 16;
+                            for (int64_t i = 0; i < mc; i += GQ_MR) {
+                                const int32_t *pa = (const int32_t *)(xp + (size_t)(i / GQ_MR) * psz);
+                                const float *pd = (const float *)(pa + kc / 4 * GQ_MR), *ps = pd + kc / 32 * GQ_MR;
+                                const int mr = mc - i < GQ_MR ? (int)(mc - i) : GQ_MR;
+                                gq_tile(kc, g, pa, pd, ps, pw, psb, y + (i0 + i) * Np + j, Np, k0 > 0, mr, nr);
                             }
                         }
                     }

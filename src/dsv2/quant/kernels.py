@@ -345,9 +345,8 @@ class Int4Weight:
                 dt = _gemm_dtype(x)
                 return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
         xp = F.pad(x, (0, kp - self.k)) if kp > self.k else x  # (M,Kp): zero activations, padding vanishes
-        if q8:  # (zero columns round to zero codes and add nothing to the group sums)
-            q8_mm = native.int4_gemm_q8 if (x.shape[0] > INT4_Q8_GEMM_ROWS
-                                            and native.int4_gemv_kind(lib) == 2) else native.int4_gemv_q8
+        if q8:  # (zero columns round to zero codes and add nothing to the group sums; more than one row: AVX2)
+            q8_mm = native.int4_gemm_q8 if x.shape[0] > INT4_Q8_GEMM_ROWS else native.int4_gemv_q8
             y = q8_mm(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
         elif gemv:
             y = native.int4_gemv(lib, xp, self.packed, self.scales_and_zeros, self.group_size).to(x.dtype)
