@@ -113,8 +113,9 @@ def bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
 
 def emulated_bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
     """Where bf16 GEMMs are not native (AVX2): few bf16 rows through the C GEMV against the fp32 GEMM on the
-    packed fp32 copy that `CpuLinear` keeps, and one sequence's decode attention in C against upcasting its
-    rows into scratch for two PyTorch GEMMs (`latent_decode` without the library)."""
+    packed fp32 copy that `CpuLinear` keeps (and, at 12 / 16 rows on AVX2 builds, against dsv2's C GEMM), and
+    one sequence's decode attention in C against upcasting its rows into scratch for two PyTorch GEMMs
+    (`latent_decode` without the library)."""
     if native_low_precision(torch.device("cpu"), torch.bfloat16):
         return
     for nk in ((n, k), (10_944, 2_048), (2_048, 10_944)):
@@ -127,6 +128,12 @@ def emulated_bf16_rows(lib, g: torch.Generator, n: int, k: int) -> None:
                 t = best({"packed fp32": lambda xm=xm, lin=lin: packed(lin, xm),
                           "dsv2": lambda xm=xm, lin=lin: native.bf16_gemv(lib, xm, lin.weight)})
             row(f"bf16 {nk[0]} x {nk[1]}, {m} rows", "packed fp32", "dsv2", t)
+        if native.gemm_kind(lib) == 2:  # 9-16 rows: the GEMV's x-stationary tiles against the C GEMM beside them
+            for m in (12, 16):
+                xm = torch.randn(m, nk[1], generator=g).bfloat16()
+                t = best({"dsv2 GEMM": lambda xm=xm, lin=lin: native.gemm(lib, xm, lin.weight),
+                          "dsv2 GEMV": lambda xm=xm, lin=lin: native.bf16_gemv(lib, xm, lin.weight)})
+                row(f"bf16 {nk[0]} x {nk[1]}, {m} rows", "dsv2 GEMM", "dsv2 GEMV", t)
     h, c, w = 16, 512, 576
     for s in (1024, 4096, 8192, 32768):
         pool = torch.randn(s, w, generator=g).bfloat16()

@@ -65,7 +65,8 @@ def derived(weight: torch.Tensor, owner: object, slot: str, make: Callable[[torc
 GEMV_ROWS = 4  # up to this many rows: dsv2's C GEMV (1.4-1.9x PyTorch's bf16 GEMM at 2-4 rows, 2 Zen 4 cores)
 # where bf16 is not native (AVX2): up to this many rows the C GEMV on the bf16 weight instead of the fp32 GEMM
 # on a packed fp32 copy (2.4-3.3x at 2-4 rows, 1.4-1.8x at 8, 1.1-1.3x at 16; 2 Zen 4 cores capped at AVX2;
-# since then 9-16 rows run x-stationary tiles on AVX2 builds, another 1.15-1.18x at 16 rows). At 17-32 rows
+# since then 9-16 rows run x-stationary tiles on AVX2 builds: 1.11-1.46x the packed copy, 1.20-1.36x dsv2's C
+# GEMM at 16 rows, `benchmarks/kernels.py --only emulated`). At 17-32 rows
 # passes of those tiles ran 0.95-1.3x dsv2's C GEMM, which takes them (the next step for batched decode)
 UPCAST_GEMV_ROWS = 16
 
