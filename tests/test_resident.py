@@ -139,3 +139,69 @@ def test_copied_file_pages_are_given_back_chunk_by_chunk(tmp_path: Path, monkeyp
     assert _mapping_rss_kib(ptr) <= 32 * page // 1024  # only b's pages are left
     assert torch.equal(m.a, torch.arange(n // 2, dtype=torch.float32))
     assert torch.equal(b, torch.arange(n // 2, n, dtype=torch.float32))
+
+
+def _run_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
+_WHERE_20MIB = """
+import sys, torch
+from pathlib import Path
+{setup}
+t = torch.ones(5 << 20)  # 20 MiB: above glibc's initial mmap threshold (128 KiB)
+ptr = t.untyped_storage().data_ptr()
+for line in Path("/proc/self/maps").read_text().splitlines():
+    parts = line.split(maxsplit=5)
+    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+    if lo <= ptr < hi:
+        print(parts[5] if len(parts) == 6 else "anonymous mapping")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_reuse_freed_memory_serves_big_blocks_from_the_heap() -> None:
+    """(Each in a fresh process: the setting is process-wide.) By default glibc maps a 20 MiB block on its own
+    (and unmaps it when freed: fresh zeroed pages, faulted in, for every such tensor); after
+    `reuse_freed_memory` it comes from the heap, whose freed blocks are reused."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+        pytest.skip("glibc only")
+    assert _run_python(_WHERE_20MIB.format(setup="")) == "anonymous mapping"
+    tuned = "from dsv2.resident import reuse_freed_memory\nassert reuse_freed_memory()"
+    assert _run_python(_WHERE_20MIB.format(setup=tuned)) == "[heap]"
+
+
+def test_engine_reuses_freed_memory_unless_told_not_to(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dsv2.engine.engine as engine_mod
+
+    calls = []
+    monkeypatch.setattr(engine_mod, "reuse_freed_memory", lambda: calls.append(1) or True)
+    model = _load(folder)
+    assert not Engine(model, max_tokens=64, reuse_freed_memory=False).malloc_tuned and not calls
+    assert Engine(model, max_tokens=64).malloc_tuned and calls == [1]
+    from dsv2.engine import EngineConfig, EngineConfigError
+
+    with pytest.raises(EngineConfigError, match="reuse_freed_memory"):
+        EngineConfig(reuse_freed_memory=1)
+
+
+def test_loading_and_an_engine_do_not_import_dynamo(folder: Path) -> None:
+    """torch._dynamo costs ~70 MiB of resident memory and ~1 s to import: a process that never compiles must not
+    pay it (it was pulled in by a decorator in dsv2.precision and by nn.Embedding's init on the meta device)."""
+    out = _run_python(f"""
+import sys, torch
+import dsv2.cli, dsv2.serve.app
+from dsv2.model import DeepseekV2
+from dsv2.engine import Engine, SamplingParams
+m = DeepseekV2.from_pretrained({str(folder)!r}, dtype=torch.bfloat16)
+Engine(m, max_tokens=64).generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
+print(sorted(k for k in sys.modules if k.startswith(("torch._dynamo", "torch._inductor"))))
+""")
+    assert out == "[]"

@@ -27,20 +27,21 @@ from dsv2.quant import native
 _LOW = (torch.bfloat16, torch.float16)
 
 
-@torch.compiler.assume_constant_result  # an mkldnn query Dynamo cannot trace: a constant per device and dtype
+def _mkldnn_native(dtype: torch.dtype) -> bool:
+    query = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
+        torch.ops.mkldnn._is_mkldnn_fp16_supported
+    return bool(query())
+
+
+# asked on every matmul of a step, and while Dynamo traces one (it cannot trace the mkldnn query, but reads a
+# dict of constants): the query once per dtype, at import. (Not `torch.compiler.assume_constant_result`: that
+# decorator imports Dynamo, ~70 MiB of resident memory and ~1 s of start-up in every process that never compiles.)
+_NATIVE: dict[torch.dtype, bool] = {dt: _mkldnn_native(dt) for dt in _LOW}
+
+
 def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether matmuls in `dtype` run natively fast on `device` (always, off the CPU and for fp32)."""
-    if dtype not in _LOW or device.type != "cpu":
-        return True
-    known = _NATIVE.get(dtype)
-    if known is None:  # asked on every matmul of a step: the mkldnn query once per dtype
-        query = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
-            torch.ops.mkldnn._is_mkldnn_fp16_supported
-        known = _NATIVE[dtype] = bool(query())
-    return known
-
-
-_NATIVE: dict[torch.dtype, bool] = {}
+    return dtype not in _LOW or device.type != "cpu" or _NATIVE[dtype]
 
 
 def upcast_dtype(x: torch.Tensor) -> torch.dtype | None:

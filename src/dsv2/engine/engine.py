@@ -30,7 +30,7 @@ from dsv2.model import DeepseekV2
 from dsv2.precision import prepare
 from dsv2.quant.kernels import QuantError
 from dsv2.quant.swap import set_int8_activations
-from dsv2.resident import make_resident
+from dsv2.resident import make_resident, reuse_freed_memory
 
 
 class GenerationError(RuntimeError):
@@ -91,6 +91,8 @@ class Engine:
         # weights left as file pages are re-read from disk when the kernel evicts them (issue 13)
         self.resident_bytes = make_resident(model) if config.resident else 0
         w = model.embed_tokens.weight
+        # each step's activations from reused heap blocks, not fresh page-faulted mappings
+        self.malloc_tuned = config.reuse_freed_memory and w.device.type == "cpu" and reuse_freed_memory()
         self.model, self.cfg, self.device = prepare(model.eval()), cfg, w.device
         try:  # the config owns this switch of the quantised modules: set either way
             set_int8_activations(model, config.int8_activations)

@@ -48,7 +48,10 @@ class DeepseekV2(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, d, device=device, dtype=dtype)
+        # given its (uninitialised) weight, Embedding skips its own init: reset_parameters below is the one, and
+        # normal_ on a meta tensor (from_pretrained's skeleton) would import Dynamo (~70 MiB resident)
+        self.embed_tokens = nn.Embedding(config.vocab_size, d,
+                                         _weight=torch.empty(config.vocab_size, d, device=device, dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps, device, dtype)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False, device=device, dtype=dtype)
