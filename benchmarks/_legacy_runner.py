@@ -21,12 +21,23 @@ R rope dim, W row width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dsv2.engine.attention import latent_decode
-from dsv2.engine.cache import PagedCache, SeqSlots
+from dsv2.engine.cache import PagedCache
 from dsv2.model import MLA, DeepseekV2
 from dsv2.precision import native_low_precision, prepare
+
+
+@dataclass
+class SeqSlots:
+    """A sequence as the old runner saw it: its block table (borrowed from the engine, `Engine.reserve`) and
+    how many of its tokens are in the cache."""
+
+    blocks: list[int]
+    length: int = 0
 
 
 # ---- old engine/attention.py helpers (9512cfe) --------------------------------------------------------
@@ -34,7 +45,7 @@ from dsv2.precision import native_low_precision, prepare
 # restored it computes exactly what 9512cfe's did (same ops, same order), so it is imported, not copied.
 def _decode_chunks(cache: PagedCache, layer: int, seq: SeqSlots, length: int, chunk: int) -> list[torch.Tensor]:
     out = []
-    for start, n in cache.runs(seq, length):
+    for start, n in cache.runs(seq.blocks, length):
         for off in range(0, n, chunk):
             out.append(cache.read_run(layer, start + off, min(chunk, n - off)))
     return out
@@ -82,7 +93,7 @@ class LegacyRunner:
         m, cache = self.model, self.cache
         m.check_input(ids, pos)
         cos, sin = m.rope(pos)  # (B,1,R/2)
-        slots = torch.cat([cache.slots(s, st, 1) for s, st in zip(seqs, starts)])  # (B,)
+        slots = torch.cat([cache.slots(s.blocks, st, 1) for s, st in zip(seqs, starts)])  # (B,)
         x = m.embed_tokens(ids)  # (B,1,D)
         for i, layer in enumerate(m.layers):
             h = layer.input_layernorm(x)
@@ -123,7 +134,7 @@ class LegacyRunner:
         m.check_input(ids, pos)
         cos, sin = m.rope(pos)  # (N,R/2)
         chunks = [slice(a, min(a + step, n)) for a in range(0, n, step)]
-        slots = cache.slots(seq, start, n)  # (N,)
+        slots = cache.slots(seq.blocks, start, n)  # (N,)
         x = m.embed_tokens(ids)  # (1,N,D)
         for i, layer in enumerate(m.layers):
             self._layer_major_one(i, layer, x, cos, sin, chunks, seq, slots, start)
@@ -142,7 +153,7 @@ class LegacyRunner:
             rows.append(torch.cat((c_kv, k_pe), dim=-1)[0])  # (T,C+R)
         new = torch.cat(rows)  # (N,C+R)
         self.cache.write(i, slots, new)
-        every = new if start == 0 else torch.cat((self.cache.read(i, seq, start).to(new.dtype), new))  # (S,C+R)
+        every = new if start == 0 else torch.cat((self.cache.read(i, seq.blocks, start).to(new.dtype), new))  # (S,C+R)
         k, v = self._expand(attn, every)  # (1,H,S,Dn+R) each
         for c in chunks:
             q_nope, q_pe = attn.project_q(h[:, c], cos[c], sin[c])  # (1,T,H,Dn), (1,T,H,R)

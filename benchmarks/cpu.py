@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 
@@ -63,11 +64,12 @@ def decode_step_fn(engine: Engine, rows: list[torch.Tensor]) -> tuple[Callable[[
     """Fill a sequence of S = len(rows[0]) cached tokens; (a function that decodes one token at position S,
     every call the same work; a function that frees the sequence)."""
     cache, s = engine.cache, rows[0].shape[0]
-    seq = cache.reserve(s + 1)
+    held = ExitStack()
+    blocks = held.enter_context(engine.reserve(s + 1))
     for i, r in enumerate(rows):
-        cache.write(i, cache.slots(seq, 0, s), r)
-    work = [SeqWork(list(seq.reserved), s, [7])]
-    return (lambda: engine.runner.execute(work)), (lambda: cache.release(seq))
+        cache.write(i, cache.slots(blocks, 0, s), r)
+    work = [SeqWork(blocks, s, [7])]
+    return (lambda: engine.runner.execute(work)), held.close
 
 
 class Probes:

@@ -26,15 +26,15 @@ import gc
 import os
 import statistics
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from _common import peak_memory_gib, synced, timed_rounds, timeit
-from _legacy_runner import LegacyRunner
+from _legacy_runner import LegacyRunner, SeqSlots
 from dsv2.config import ModelConfig
 from dsv2.engine import Engine
-from dsv2.engine.cache import SeqSlots
 from dsv2.engine.runner import SeqWork
 from dsv2.model import DeepseekV2
 
@@ -70,22 +70,22 @@ def synthetic_rows(cfg: ModelConfig, s: int, dtype: torch.dtype, seed: int,
 
 
 def fill(engine: Engine, rows: list[torch.Tensor]) -> SeqSlots:
-    """Reserve a sequence of len(rows[0]) + 1 tokens in the engine's cache and write the rows as its first S."""
+    """Reserve a sequence of len(rows[0]) + 1 tokens in the engine's cache (held until `engine.held` is
+    closed) and write the rows as its first S."""
     cache, s = engine.cache, rows[0].shape[0]
-    seq = cache.reserve(s + 1)
+    if not hasattr(engine, "held"):
+        engine.held = ExitStack()
+    blocks = engine.held.enter_context(engine.reserve(s + 1))
     for i, r in enumerate(rows):
-        cache.write(i, cache.slots(seq, 0, s), r)
-    if not hasattr(engine, "cache_seqs"):
-        engine.cache_seqs = []
-    engine.cache_seqs.append(seq)
-    return seq
+        cache.write(i, cache.slots(blocks, 0, s), r)
+    return SeqSlots(blocks, s)
 
 
 def dsv2_step_fn(engine: Engine, rows: list[torch.Tensor]):
     """Fill a sequence of len(rows[0]) tokens, then return (a function that runs one engine step decoding
     one token at position S, the sequence). Every call does the same work (it rewrites slot S)."""
     seq = fill(engine, rows)
-    work = [SeqWork(seq.reserved, rows[0].shape[0], [7])]
+    work = [SeqWork(seq.blocks, rows[0].shape[0], [7])]
     return (lambda: engine.runner.execute(work)[0]), seq
 
 
@@ -281,9 +281,7 @@ def main() -> None:
             fns["hf"] = (hf_step_fn(hf, rows, cfg.kv_lora_rank), hf_steps)
         t = timed_rounds({name: (synced(fn, dev), n) for name, (fn, n) in fns.items()})
         for e in (e for e in (eng, eng_g, mha) if e is not None):
-            for q in e.cache_seqs:
-                e.cache.release(q)
-            e.cache_seqs = []
+            e.held.close()
         del rows, fns
         gc.collect()
         t_new = t["new"]

@@ -43,7 +43,7 @@ import time
 import torch
 
 from _common import machine, peak_rss_gib
-from _legacy_runner import LegacyRunner
+from _legacy_runner import LegacyRunner, SeqSlots
 from dsv2 import DeepseekV2, ModelConfig
 from dsv2.engine import Engine, SamplingParams
 from dsv2.engine.config import EngineConfig
@@ -66,7 +66,7 @@ def synthetic_prefix(engine: Engine, seq, n: int) -> None:
         b = min(a + 4096, n)
         for i in range(cache.num_layers):
             rows = torch.randn(b - a, cache.width, generator=g).to(engine.model.lm_head.weight.dtype)
-            cache.write(i, cache.slots(seq, a, b - a), rows)
+            cache.write(i, cache.slots(seq.blocks, a, b - a), rows)
     seq.length = n
 
 
@@ -88,14 +88,14 @@ def child(args: argparse.Namespace) -> None:
 
     def old_generate(p: list[int], start: int = 0) -> float:
         """Prefill + one decode (as generate(max_new_tokens=2)) after `start` synthetic rows; its seconds."""
-        seq = engine.cache.reserve(len(p) + 1)
-        if start:
-            synthetic_prefix(engine, seq, start)
-        t0 = time.perf_counter()
-        first = int(ref.prefill(seq, p).argmax())
-        ref.decode([seq], [first])
-        engine.cache.release(seq)
-        return time.perf_counter() - t0
+        with engine.reserve(len(p) + 1) as blocks:
+            seq = SeqSlots(blocks)
+            if start:
+                synthetic_prefix(engine, seq, start)
+            t0 = time.perf_counter()
+            first = int(ref.prefill(seq, p).argmax())
+            ref.decode([seq], [first])
+            return time.perf_counter() - t0
 
     if ref is not None:
         old_generate(prompt[:WARMUP])
@@ -107,14 +107,14 @@ def child(args: argparse.Namespace) -> None:
     if ref is not None:
         dt = old_generate(prompt, tokens - tail if tail else 0)
     elif tail:
-        seq = engine.cache.reserve(tokens + 1)
-        synthetic_prefix(engine, seq, tokens - tail)
-        t = time.perf_counter()
-        step = min(engine.config.prefill_chunk, engine.config.max_num_batched_tokens)
-        for a in range(tokens - tail, tokens, step):
-            b = min(a + step, tokens)
-            out = engine.runner.execute([SeqWork(seq.reserved, a, prompt[a:b], "last" if b == tokens else "none")])
-        engine.runner.execute([SeqWork(seq.reserved, tokens, [int(out[0].argmax())])])
+        with engine.reserve(tokens + 1) as blocks:
+            synthetic_prefix(engine, SeqSlots(blocks), tokens - tail)
+            t = time.perf_counter()
+            step = min(engine.config.prefill_chunk, engine.config.max_num_batched_tokens)
+            for a in range(tokens - tail, tokens, step):
+                b = min(a + step, tokens)
+                out = engine.runner.execute([SeqWork(blocks, a, prompt[a:b], "last" if b == tokens else "none")])
+            engine.runner.execute([SeqWork(blocks, tokens, [int(out[0].argmax())])])
     else:
         req = engine.add_request(prompt, SamplingParams(max_new_tokens=2))
         while engine.has_unfinished():

@@ -4,6 +4,7 @@ over scattered blocks, every cache format, random chunking; block-by-block LSE p
 from __future__ import annotations
 
 import random
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -33,11 +34,18 @@ def _roundtrip(eng: Engine):
     return store
 
 
-def _scattered(eng: Engine) -> None:
-    """Occupy every other block, so the sequences' blocks are not contiguous."""
-    holds = [eng.cache.reserve(eng.cache.block_size) for _ in range(eng.cache.num_blocks)]
+def _scattered(eng: Engine, held: ExitStack) -> None:
+    """Occupy every other block (until `held` closes), so the sequences' blocks are not contiguous."""
+    holds = [eng.reserve(eng.cache.block_size) for _ in range(eng.cache.num_blocks)]
+    for h in holds:
+        h.__enter__()
     for h in holds[1::2]:
-        eng.cache.release(h)
+        h.__exit__(None, None, None)
+    held.callback(lambda: [h.__exit__(None, None, None) for h in holds[::2]])
+
+
+def _reserve(eng: Engine, held: ExitStack, tokens: int) -> list[int]:
+    return held.enter_context(eng.reserve(tokens))
 
 
 @pytest.mark.parametrize("kv", FORMATS)
@@ -52,18 +60,19 @@ def test_mixed_steps_equal_the_dense_reference(models, kv: str, attn: str, seed:
     model = models[attn]
     rng = random.Random(seed)
     eng = Engine(model, kv_cache_dtype=kv, max_tokens=1024, block_size=4, key_block=rng.choice([3, 8, 64]))
-    _scattered(eng)
+    held = ExitStack()
+    _scattered(eng, held)
     seqs = []
     for _ in range(4):
         toks = [rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, 40))]
-        seqs.append({"toks": toks, "done": 0, "slots": eng.cache.reserve(len(toks)), "logits": []})
+        seqs.append({"toks": toks, "done": 0, "slots": _reserve(eng, held, len(toks)), "logits": []})
     while any(s["done"] < len(s["toks"]) for s in seqs):
         live = [s for s in seqs if s["done"] < len(s["toks"])]
         step = rng.sample(live, rng.randint(1, len(live)))
         work = []
         for s in step:
             n = rng.choice([1, 1, rng.randint(1, 16)])
-            work.append(SeqWork(s["slots"].reserved, s["done"], s["toks"][s["done"]: s["done"] + n], "all"))
+            work.append(SeqWork(s["slots"], s["done"], s["toks"][s["done"]: s["done"] + n], "all"))
             s["done"] += len(work[-1].tokens)
         for s, out in zip(step, eng.runner.execute(work)):
             s["logits"].append(out)
@@ -81,17 +90,18 @@ def test_decode_impls_and_a_cached_prefix(models, decode_impl: str) -> None:
     sequences at once: each step's logits equal the full forward at that position."""
     model = models["mla"]
     eng = Engine(model, max_tokens=512, block_size=4, decode_impl=decode_impl, decode_chunk=5)
-    _scattered(eng)
+    held = ExitStack()
+    _scattered(eng, held)
     prompts = [[(7 * i + 3 + j) % 500 for i in range(n)] for j, n in enumerate((45, 9, 23))]
-    slots = [eng.cache.reserve(len(p) + 3) for p in prompts]
-    first = eng.runner.execute([SeqWork(s.reserved, 0, p[:30]) for s, p in zip(slots, prompts)])
-    rest = eng.runner.execute([SeqWork(s.reserved, 30, p[30:]) for s, p in zip(slots, prompts) if len(p) > 30])
+    slots = [_reserve(eng, held, len(p) + 3) for p in prompts]
+    first = eng.runner.execute([SeqWork(s, 0, p[:30]) for s, p in zip(slots, prompts)])
+    rest = eng.runner.execute([SeqWork(s, 30, p[30:]) for s, p in zip(slots, prompts) if len(p) > 30])
     with torch.no_grad():
         torch.testing.assert_close(first[0], model(torch.tensor([prompts[0][:30]]))[0, -1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rest[0], model(torch.tensor([prompts[0]]))[0, -1], rtol=1e-5, atol=1e-5)
     seqs = [list(p) for p in prompts]
     for t in range(3):
-        out = eng.runner.execute([SeqWork(s.reserved, len(q), [11 + t]) for s, q in zip(slots, seqs)])
+        out = eng.runner.execute([SeqWork(s, len(q), [11 + t]) for s, q in zip(slots, seqs)])
         for q, got in zip(seqs, out):
             q.append(11 + t)
             with torch.no_grad():
@@ -132,9 +142,9 @@ def test_prefix_attended_absorbed_or_expanded(models, first: int, kv: str) -> No
     model = models["mla"]
     eng = Engine(model, kv_cache_dtype=kv, max_tokens=256, block_size=4, key_block=16)
     toks = [(13 * i + 7) % 500 for i in range(70)]
-    slots = eng.cache.reserve(len(toks))
-    eng.runner.execute([SeqWork(slots.reserved, 0, toks[:first], "none")])
-    got = eng.runner.execute([SeqWork(slots.reserved, first, toks[first:], "all")])[0]
+    with eng.reserve(len(toks)) as blocks:
+        eng.runner.execute([SeqWork(blocks, 0, toks[:first], "none")])
+        got = eng.runner.execute([SeqWork(blocks, first, toks[first:], "all")])[0]
     store = None if kv == "fp32" else _roundtrip(eng)
     with torch.no_grad():
         want = model(torch.tensor([toks]), cache=DenseCache(store))[0, first:]

@@ -1,4 +1,5 @@
-"""Paged cache: allocator, sizing from budgets, exact bytes/token, zero-copy and fragmented reads."""
+"""Paged cache: sizing from budgets, exact bytes/token, zero-copy and fragmented reads; blocks borrowed from the
+engine's one block manager."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from dsv2.config import ModelConfig
-from dsv2.engine.cache import BlockAllocator, CacheError, PagedCache, parse_bytes
+from dsv2.engine import Engine, SamplingParams
+from dsv2.engine.cache import CacheError, PagedCache, parse_bytes
+from dsv2.model import DeepseekV2
 
 
 def test_parse_bytes() -> None:
@@ -18,22 +21,6 @@ def test_parse_bytes() -> None:
     for bad in ("4 parsecs", "-1GiB", "0", ""):
         with pytest.raises(ValueError, match="kv_memory"):
             parse_bytes(bad)
-
-
-def test_allocator_contiguous_then_fragmented() -> None:
-    a = BlockAllocator(10)
-    x, y, z = a.allocate(3), a.allocate(3), a.allocate(3)
-    assert x == [0, 1, 2] and y == [3, 4, 5] and z == [6, 7, 8]
-    a.free(x)
-    a.free(z)
-    assert a.allocate(4) == [6, 7, 8, 9]  # the first contiguous run of 4
-    assert a.allocate(3) == [0, 1, 2]
-    a.free([0, 2])
-    assert a.allocate(2) == [0, 2]  # no run of 2: the lowest free blocks
-    with pytest.raises(CacheError, match="need 1 blocks, 0 free"):
-        a.allocate(1)
-    with pytest.raises(CacheError, match="freed twice"):
-        a.free([9, 9])
 
 
 @pytest.mark.parametrize("attn", ["mla", "mha", "gqa", "mqa"])
@@ -77,37 +64,46 @@ def test_from_budget() -> None:
 def test_rows_round_trip_contiguous_is_zero_copy_and_fragmented_gathers() -> None:
     cfg = ModelConfig.from_preset("tiny")
     cache = PagedCache(cfg, num_blocks=6, block_size=4)
-    a, b = cache.reserve(8), cache.reserve(4)  # blocks [0, 1], [2]
-    cache.reserve(4)  # [3]
-    e = cache.reserve(8)  # [4, 5]
-    cache.release(a)
-    cache.release(e)
-    c = cache.reserve(9)  # 3 blocks, no free run of 3: [0, 1] + [4] -> fragmented
-    assert c.reserved == [0, 1, 4] and not c.contiguous
+    b, c = [2], [0, 1, 4]  # block tables: one block; a run of two and a stray one
     rows = torch.randn(9, cache.width)
     cache.write(1, cache.slots(c, 0, 9), rows)
     assert torch.equal(cache.read(1, c, 9), rows)
-    assert cache.runs(c, 9) == [(0, 8), (16, 1)]
+    assert cache.runs(c, 9) == ((0, 8), (16, 1))
     rb = torch.randn(3, cache.width)
     cache.write(1, cache.slots(b, 0, 3), rb)
     view = cache.read(1, b, 3)
     assert torch.equal(view, rb) and view.data_ptr() == cache.pools[1][0][2].data_ptr()  # a view
-    with pytest.raises(CacheError, match="past the 4 tokens reserved"):
+    assert torch.equal(cache.read(1, c, 9), rows)  # untouched by b's write
+    with pytest.raises(CacheError, match="past the 4 tokens of this block table"):
         cache.slots(b, 3, 2)
-    with pytest.raises(CacheError, match="whole cache has 6"):
-        cache.reserve(33)
 
 
-def test_cpu_pools_hold_memory_only_for_written_blocks() -> None:
-    """A 256 MiB pool is zeros but costs (nearly) no resident memory until blocks are written."""
-    from dsv2.engine.quant import zeros_on_demand
-
-    def rss_mib() -> float:
-        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-
-    before = rss_mib()
-    pool = zeros_on_demand((512, 64, 2048), torch.bfloat16, "cpu")  # 512 blocks of 64 rows, 256 MiB
-    assert pool.shape == (512, 64, 2048) and pool.dtype == torch.bfloat16 and pool.is_contiguous()
-    pool[3] = 1.5
-    assert rss_mib() - before < 64
-    assert bool((pool[3] == 1.5).all()) and bool((pool[:3] == 0).all()) and bool((pool[4:40] == 0).all())
+def test_engine_reserve_borrows_blocks_from_the_scheduler() -> None:
+    """Blocks reserved outside any request come from the scheduler's block manager: requests cannot get
+    them while they are held (a request needing them waits), and they are all given back when the `with`
+    block ends, also on an exception. One owner: no second allocator can hand out the same block."""
+    model = DeepseekV2(ModelConfig.from_preset("tiny"), dtype=torch.float32).eval()
+    model.reset_parameters(seed=0)
+    eng = Engine(model, max_tokens=64, block_size=8, prefix_caching=False)  # 8 blocks
+    manager = eng.scheduler.blocks
+    with eng.reserve(40) as held:  # 5 blocks
+        assert len(held) == 5 == manager.num_blocks - manager.num_free
+        assert held == sorted(held) and held[-1] - held[0] == 4  # one run
+        req = eng.add_request(list(range(1, 30)), SamplingParams(max_new_tokens=1))  # needs 4 blocks, 3 free
+        eng.step()
+        assert req.status == "waiting" and manager.num_free == 3  # nothing taken from the reservation
+        with pytest.raises(CacheError, match="need 4 blocks for 25 tokens, 3 free of 8"):
+            with eng.reserve(25):
+                pass
+        manager.check_invariants()
+    assert manager.num_free == 8
+    while eng.has_unfinished():
+        eng.step()
+    assert req.status == "finished"
+    with pytest.raises(RuntimeError, match="boom"):
+        with eng.reserve(8):
+            raise RuntimeError("boom")
+    assert manager.num_free == 8
+    with pytest.raises(CacheError, match="whole cache has 8"):
+        with eng.reserve(65):
+            pass

@@ -3,6 +3,8 @@ transformers, continuous batching with joins/leaves, queuing when full, errors a
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 import torch
 
@@ -135,12 +137,22 @@ def test_impl_choices_are_checked(mla_model) -> None:
 
 def test_fragmented_cache_gives_the_same_tokens(mla_model, mla_refs) -> None:
     eng = Engine(mla_model, max_tokens=64 * 4, block_size=4, decode_chunk=5)
-    # fragment the pool: hold every other block while the requests run
-    holds = [eng.cache.reserve(4) for _ in range(eng.cache.num_blocks // 2)]
+    # fragment the pool: hold every other block while the requests run (borrowed from the engine's block
+    # manager, so the requests' tables really do skip them)
+    holds = [eng.reserve(4) for _ in range(eng.cache.num_blocks)]
+    for h in holds:
+        h.__enter__()
     for h in holds[::2]:
-        eng.cache.release(h)
-    outs = eng.generate(PROMPTS[:2], [SamplingParams(max_new_tokens=n) for n in MAX_NEW[:2]])
-    assert outs == mla_refs[:2]
+        h.__exit__(None, None, None)
+    reqs = [eng.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS[:2], MAX_NEW[:2])]
+    eng.step()
+    table = eng.scheduler.blocks.block_table(reqs[0].rid)
+    assert len(table) > 1 and all(b % 2 == 0 for b in table)  # the odd blocks are held: no two adjacent
+    while eng.has_unfinished():
+        eng.step()
+    assert [r.output for r in reqs] == mla_refs[:2]
+    for h in holds[1::2]:
+        h.__exit__(None, None, None)
 
 
 def test_matches_transformers_generate(tmp_path, mla_model) -> None:
@@ -269,10 +281,10 @@ def test_bf16_decode_close_to_the_plain_forward(attn: str, policy: str, monkeypa
     impls = ("fast", "gathered") if attn == "mla" else ("fast",)
     for impl in impls:
         eng = Engine(model, kv_cache_dtype="bf16", max_tokens=256, block_size=4, decode_impl=impl, decode_chunk=16)
-        seqs = [eng.cache.reserve(len(p) + 2) for p in PROMPTS[:3]]
-        eng.runner.execute([SeqWork(s.reserved, 0, p, "none") for s, p in zip(seqs, PROMPTS[:3])])
-        got = eng.runner.execute([SeqWork(s.reserved, len(p), [4 + i]) for i, (s, p) in
-                                  enumerate(zip(seqs, PROMPTS[:3]))])
+        with ExitStack() as held:
+            seqs = [held.enter_context(eng.reserve(len(p) + 2)) for p in PROMPTS[:3]]
+            eng.runner.execute([SeqWork(s, 0, p, "none") for s, p in zip(seqs, PROMPTS[:3])])
+            got = eng.runner.execute([SeqWork(s, len(p), [4 + i]) for i, (s, p) in enumerate(zip(seqs, PROMPTS[:3]))])
         for i, (g, p) in enumerate(zip(got, PROMPTS[:3])):
             with torch.no_grad():
                 want = model(torch.tensor([p + [4 + i]]))[0, -1].float()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv2.engine.cache import PagedCache
+from dsv2.engine.cache import PagedCache, slot_runs
 from dsv2.quant import native
 
 DECODE_IMPLS = ("auto", "fast", "gathered")
@@ -43,22 +43,6 @@ class SeqSpan:
     q_len: int
     ctx: int
     runs: tuple[tuple[int, int], ...]
-
-
-def slot_runs(blocks: list[int], length: int, block_size: int) -> tuple[tuple[int, int], ...]:
-    """Tokens [0, length) of a sequence with block table `blocks` as runs of consecutive slots."""
-    out: list[list[int]] = []
-    need = -(-length // block_size)
-    if need > len(blocks):
-        raise IndexError(f"{length} tokens need {need} blocks, the block table has {len(blocks)}")
-    for b in blocks[:need]:
-        if out and out[-1][0] + out[-1][1] == b * block_size:
-            out[-1][1] += block_size
-        else:
-            out.append([b * block_size, block_size])
-    if out:
-        out[-1][1] -= need * block_size - length
-    return tuple((s, n) for s, n in out)
 
 
 class StepMetadata:

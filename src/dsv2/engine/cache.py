@@ -1,4 +1,4 @@
-"""Paged KV cache: per-layer pools of fixed-size blocks, a block allocator and per-sequence block tables.
+"""Paged KV cache: per-layer pools of fixed-size blocks, read and written through block tables.
 
 Shapes: L layers, NB blocks, BS block_size (tokens per block), W row width, N rows, S tokens of a sequence.
 
@@ -6,15 +6,16 @@ MLA rows are [c_kv (C) ; k_R (R)] -- the normalised latent and the RoPE'd shared
 Baseline rows are [k (Hkv·Dh) ; v (Hkv·Dh)]. Either way the width comes from
 `cfg.kv_elements_per_token_per_layer()`, and the storage of a row from a `KVFormat` (quant.py).
 
-A sequence reserves the blocks for its whole budget (prompt + max_new_tokens) when admitted, as one
-contiguous run of blocks when the pool has one. Its block table grows on demand out of that reservation.
-Reserving up front means a running sequence can never run out of cache (no preemption, no corruption);
-contiguity means its rows are one zero-copy slice of the pool, so decode reads the cache in place.
+The cache owns the storage only. Which blocks a sequence holds is owned by one `BlockManager`
+(blocks.py, the engine's scheduler's); code outside the scheduler that needs cache rows of its own
+(`kv_quality`, benchmarks) borrows blocks from that same manager through `Engine.reserve`. A block table
+(a list of block ids in token order) is all the cache needs to find a sequence's rows; consecutive
+block ids are one zero-copy slice of the pool.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
@@ -37,62 +38,20 @@ def _indexable(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-class BlockAllocator:
-    """Free/used map of NB blocks with first-fit contiguous allocation (bytearray.find runs in C)."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._used = bytearray(num_blocks)  # 0 free, 1 used
-        self.num_free = num_blocks
-
-    def allocate(self, n: int) -> list[int]:
-        """n block ids: one contiguous run if there is one, else the lowest free blocks."""
-        if n > self.num_free:
-            raise CacheError(f"need {n} blocks, {self.num_free} free of {self.num_blocks}")
-        if n == 0:
-            return []
-        start = self._used.find(bytes(n))
-        if start >= 0:
-            ids = list(range(start, start + n))
+def slot_runs(blocks: Sequence[int], length: int, block_size: int) -> tuple[tuple[int, int], ...]:
+    """Tokens [0, length) of a sequence with block table `blocks` as runs of consecutive slots."""
+    out: list[list[int]] = []
+    need = -(-length // block_size)
+    if need > len(blocks):
+        raise IndexError(f"{length} tokens need {need} blocks, the block table has {len(blocks)}")
+    for b in blocks[:need]:
+        if out and out[-1][0] + out[-1][1] == b * block_size:
+            out[-1][1] += block_size
         else:
-            ids, pos = [], 0
-            while len(ids) < n:
-                pos = self._used.find(0, pos)
-                ids.append(pos)
-                pos += 1
-        for i in ids:
-            self._used[i] = 1
-        self.num_free -= n
-        return ids
-
-    def free(self, ids: list[int]) -> None:
-        for i in ids:
-            if not self._used[i]:
-                raise CacheError(f"block {i} freed twice")
-            self._used[i] = 0
-        self.num_free += len(ids)
-
-
-@dataclass
-class SeqSlots:
-    """One sequence's place in the cache: its reserved blocks and how many tokens are written."""
-
-    reserved: list[int]
-    length: int = 0
-    runs_cache: list[tuple[int, int]] = field(default_factory=list)  # (start_slot, n) runs of `reserved`
-
-    def __post_init__(self) -> None:
-        runs: list[list[int]] = []
-        for b in self.reserved:
-            if runs and runs[-1][0] + runs[-1][1] == b:
-                runs[-1][1] += 1
-            else:
-                runs.append([b, 1])
-        self.runs_cache = [(b, n) for b, n in runs]  # in blocks; converted to slots by PagedCache
-
-    @property
-    def contiguous(self) -> bool:
-        return len(self.runs_cache) <= 1
+            out.append([b * block_size, block_size])
+    if out:
+        out[-1][1] -= need * block_size - length
+    return tuple((s, n) for s, n in out)
 
 
 class PagedCache:
@@ -113,7 +72,6 @@ class PagedCache:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.format: KVFormat = make_format(kv_cache_dtype, self.width, dtype, self.split, rope_bf16, group)
         self.pools = [self.format.allocate(num_blocks, block_size, device) for _ in range(self.num_layers)]
-        self.allocator = BlockAllocator(num_blocks)
 
     # ---- sizing ------------------------------------------------------------------------------
     @staticmethod
@@ -162,39 +120,19 @@ class PagedCache:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def can_reserve(self, tokens: int) -> bool:
-        return self.blocks_for(tokens) <= self.allocator.num_free
-
-    def reserve(self, tokens: int) -> SeqSlots:
-        """Blocks for `tokens` tokens (a contiguous run when possible). CacheError if they are not free."""
-        if self.blocks_for(tokens) > self.num_blocks:
-            raise CacheError(f"a sequence of {tokens} tokens needs {self.blocks_for(tokens)} blocks but the "
-                             f"whole cache has {self.num_blocks} ({self.capacity_tokens} tokens)")
-        return SeqSlots(self.allocator.allocate(self.blocks_for(tokens)))
-
-    def release(self, seq: SeqSlots) -> None:
-        self.allocator.free(seq.reserved)
-        seq.reserved, seq.runs_cache, seq.length = [], [], 0
-
-    def slots(self, seq: SeqSlots, start: int, n: int) -> torch.Tensor:
-        """Flat slot ids (n,) of tokens [start, start+n) of `seq` (slot = block * BS + offset)."""
-        if start + n > len(seq.reserved) * self.block_size:
-            raise CacheError(f"token {start + n - 1} is past the {len(seq.reserved) * self.block_size} "
-                             "tokens reserved for this sequence")
+    def slots(self, blocks: Sequence[int], start: int, n: int) -> torch.Tensor:
+        """Flat slot ids (n,) of tokens [start, start+n) of the sequence whose block table is `blocks`
+        (slot = block * BS + offset)."""
+        if start + n > len(blocks) * self.block_size:
+            raise CacheError(f"token {start + n - 1} is past the {len(blocks) * self.block_size} "
+                             "tokens of this block table")
         pos = torch.arange(start, start + n)
-        blocks = torch.tensor(seq.reserved, dtype=torch.long)[pos // self.block_size]
-        return blocks * self.block_size + pos % self.block_size
+        table = torch.tensor(list(blocks), dtype=torch.long)[pos // self.block_size]
+        return table * self.block_size + pos % self.block_size
 
-    def runs(self, seq: SeqSlots, length: int) -> list[tuple[int, int]]:
-        """Tokens [0, length) of `seq` as (start_slot, n) runs of consecutive slots (1 run if contiguous)."""
-        out, left, bs = [], length, self.block_size
-        for b, nblk in seq.runs_cache:
-            if left <= 0:
-                break
-            n = min(left, nblk * bs)
-            out.append((b * bs, n))
-            left -= n
-        return out
+    def runs(self, blocks: Sequence[int], length: int) -> tuple[tuple[int, int], ...]:
+        """Tokens [0, length) of a block table as (start_slot, n) runs of consecutive slots."""
+        return slot_runs(blocks, length, self.block_size)
 
     # ---- rows --------------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
@@ -216,9 +154,10 @@ class PagedCache:
         rows = parts[0] if self.format.plain else self.format.decode(parts)
         return rows.view(*slots.shape, rows.shape[-1])
 
-    def read(self, layer: int, seq: SeqSlots, length: int) -> torch.Tensor:
-        """All rows (length, W) of a sequence; zero-copy when it is contiguous and the format plain."""
-        chunks = [self.read_run(layer, s, n) for s, n in self.runs(seq, length)]
+    def read(self, layer: int, blocks: Sequence[int], length: int) -> torch.Tensor:
+        """All rows (length, W) of a sequence's block table; zero-copy when its blocks are consecutive and the
+        format plain."""
+        chunks = [self.read_run(layer, s, n) for s, n in self.runs(blocks, length)]
         if not chunks:
             return self.pools[layer][0].new_zeros(0, self.width, dtype=self.format.compute_dtype)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)

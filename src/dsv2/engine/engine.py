@@ -12,14 +12,16 @@ requests retire. A long prompt is thus prefilled across several steps while the 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from dsv2.engine.cache import PagedCache
+from dsv2.engine.cache import CacheError, PagedCache
 from dsv2.engine.config import EngineConfig, EngineConfigError
 from dsv2.engine.detok import Detokenizer
 from dsv2.engine.runner import ModelRunner, SeqWork
@@ -115,6 +117,7 @@ class Engine:
         self.scheduler = Scheduler(cfg, self.cache, config, w.device)
         self.stats = EngineStats()
         self.tokenizer = tokenizer
+        self._reservations = itertools.count()
 
     # ---- request API -------------------------------------------------------------------------
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Request:
@@ -131,6 +134,25 @@ class Engine:
         """Stop request `rid` wherever it is (queued, prefilling, decoding): its blocks are freed now and it
         finishes with reason "abort". False when no live request has that id (already finished, unknown)."""
         return self.scheduler.abort(rid) is not None
+
+    @contextmanager
+    def reserve(self, tokens: int) -> Iterator[list[int]]:
+        """Blocks for `tokens` tokens of cache rows outside any request, as a block table (consecutive where
+        free blocks allow), taken from the scheduler's block manager (the one owner of blocks: running and
+        later requests never get them) and given back when the `with` block ends. For code that drives
+        `engine.runner` itself (`kv_quality`, benchmarks). CacheError when they cannot be had now."""
+        blocks = self.scheduler.blocks
+        need = blocks.blocks_for(tokens)
+        if need > blocks.num_blocks:
+            raise CacheError(f"a sequence of {tokens} tokens needs {need} blocks but the whole cache has "
+                             f"{blocks.num_blocks} ({blocks.num_blocks * blocks.block_size} tokens)")
+        rid = ("reserved", next(self._reservations))  # never a request id (those are ints)
+        if not blocks.allocate(rid, tokens):
+            raise CacheError(f"need {need} blocks for {tokens} tokens, {blocks.num_free} free of {blocks.num_blocks}")
+        try:
+            yield blocks.block_table(rid)
+        finally:
+            blocks.free(rid)
 
     def has_unfinished(self) -> bool:
         """Whether any request is still queued or running."""

@@ -29,19 +29,16 @@ class KVQuality:
 def _logits_along(engine: Engine, prompt: list[int], forced: list[int] | None, steps: int
                   ) -> tuple[list[int], torch.Tensor]:
     """Decode `steps` tokens (greedy, or the `forced` ones); the (steps, V) fp32 log-probs at each."""
-    runner, cache = engine.runner, engine.cache
-    seq = cache.reserve(len(prompt) + steps)
-    try:
-        logits = runner.execute([SeqWork(seq.reserved, 0, prompt)])[0]
+    runner = engine.runner
+    with engine.reserve(len(prompt) + steps) as blocks:
+        logits = runner.execute([SeqWork(blocks, 0, prompt)])[0]
         toks, out = [], []
         for i in range(steps):
             out.append(logits.float().log_softmax(-1))
             toks.append(int(logits.argmax()) if forced is None else forced[i])
             if i + 1 < steps:
-                logits = runner.execute([SeqWork(seq.reserved, len(prompt) + i, [toks[-1]])])[0]
+                logits = runner.execute([SeqWork(blocks, len(prompt) + i, [toks[-1]])])[0]
         return toks, torch.stack(out)
-    finally:
-        cache.release(seq)
 
 
 def kv_quality(model: DeepseekV2, prompt: list[int], steps: int = 512, modes: list[tuple[str, bool]] | None = None,
