@@ -56,21 +56,35 @@ class TokenEvent:
 
 @dataclass
 class EngineStats:
+    """The engine's counters. The prefix cache's and the scheduler's are read from their owners (the block
+    manager's `BlockStats`, the scheduler's preemption count) when asked, not copied."""
+
     prefill_tokens: int = 0
     decode_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0
     max_running: int = 0
-    prefix_hit_tokens: int = 0  # prompt tokens not computed thanks to the prefix cache
-    preemptions: int = 0
     decode_steps: list[tuple[int, float]] = field(default_factory=list)  # (batch size, seconds) per step
-
-    prefix_hit_rate: float = 0.0  # fraction of looked-up full prompt blocks found in the prefix cache
+    scheduler: Scheduler | None = field(default=None, repr=False, compare=False)
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Prompt tokens not computed thanks to the prefix cache."""
+        return self.scheduler.blocks.stats.hit_tokens if self.scheduler is not None else 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Fraction of looked-up prompt tokens found in the prefix cache."""
+        return self.scheduler.blocks.stats.hit_rate if self.scheduler is not None else 0.0
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.num_preemptions if self.scheduler is not None else 0
 
 
 class Engine:
@@ -115,7 +129,7 @@ class Engine:
                                             group=config.kv_group)
         self.runner = ModelRunner(model, self.cache, config)
         self.scheduler = Scheduler(cfg, self.cache, config, w.device)
-        self.stats = EngineStats()
+        self.stats = EngineStats(scheduler=self.scheduler)
         self.tokenizer = tokenizer
         self._reservations = itertools.count()
 
@@ -185,9 +199,6 @@ class Engine:
         if n_dec:
             self.stats.decode_steps.append((n_dec, dt))
         self.stats.max_running = max(self.stats.max_running, len(sch.running))
-        bst = sch.blocks.stats
-        self.stats.prefix_hit_tokens, self.stats.prefix_hit_rate = bst.hit_tokens, bst.hit_rate
-        self.stats.preemptions = sch.num_preemptions
         ready = []
         for (req, n), logits in zip(plan, results):
             if req.status != "running":  # failed in _execute
