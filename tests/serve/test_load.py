@@ -100,9 +100,9 @@ def test_internal_error_is_500_without_traceback_and_fails_alone(ckpt, ref) -> N
                 raise RuntimeError("secret internal detail")
             return super().add_request(prompt, params)
 
-    engine = FaultyEngine(ref.model, max_tokens=4096)
+    engine = FaultyEngine(ref.model, max_tokens=4096, tokenizer=ref.tok)
     metrics = ServerMetrics()
-    state = ServerState(EngineLoop(engine, ref.model, ref.tok, metrics, 16), ref.tok, ChatTemplate.from_folder(ckpt),
+    state = ServerState(EngineLoop(engine, ref.model, metrics, 16), ref.tok, ChatTemplate.from_folder(ckpt),
                         ref.name, ref.model.config, 4096, metrics)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

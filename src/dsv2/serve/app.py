@@ -172,7 +172,7 @@ class _Handlers:
                 max_new_tokens=max_new, temperature=1.0 if body.temperature is None else float(body.temperature),
                 top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else float(body.top_p),
                 seed=None if body.seed is None else body.seed + index, logprobs=logprobs,
-                stop_token_ids=() if body.ignore_eos or eos is None else (eos,))
+                stop_token_ids=() if body.ignore_eos or eos is None else (eos,), stop=tuple(body.stop_list()))
         except SamplingError as e:  # our own checks run first (this catches e.g. an infinite temperature)
             field_ = re.search(r"SamplingParams\.(\w+)", str(e))
             name = field_.group(1) if field_ else None
@@ -182,8 +182,7 @@ class _Handlers:
                 echo_logprobs: int | None) -> tuple[list[Job], Channel]:
         chan = Channel(asyncio.get_running_loop())
         n = body.n or 1
-        jobs = [Job(p, self._params(body, max_new[pi], pi * n + i, logprobs), chan.sink(pi * n + i),
-                    tuple(body.stop_list()), echo_logprobs)
+        jobs = [Job(p, self._params(body, max_new[pi], pi * n + i, logprobs), chan.sink(pi * n + i), echo_logprobs)
                 for pi, p in enumerate(prompts) for i in range(n)]
         try:
             self.s.loop.submit(jobs)

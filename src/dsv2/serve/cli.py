@@ -69,11 +69,11 @@ def build_state(args: argparse.Namespace):
     template = ChatTemplate.from_folder(folder)
     model, tokenizer, _, _ = load_checkpoint(folder, cfg, args.dtype, args.device, args.weights,
                                               args.group_size)
-    engine = Engine(model, **engine_kwargs(args))
+    engine = Engine(model, tokenizer=tokenizer, **engine_kwargs(args))
     if args.show_config:
         print(f"engine:\n{engine.config.describe()}", file=sys.stderr)
     metrics = ServerMetrics()
-    loop = EngineLoop(engine, model, tokenizer, metrics, args.max_queue)
+    loop = EngineLoop(engine, model, metrics, args.max_queue)
     capacity = int(engine.cache_report()["capacity_tokens"])
     return ServerState(loop, tokenizer, template, args.served_model_name or model_name(folder), cfg, capacity,
                        metrics, api_key=args.api_key or None, default_max_tokens=args.default_max_tokens)

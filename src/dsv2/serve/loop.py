@@ -1,10 +1,11 @@
 """The engine loop: one background thread owns the Engine; asyncio handlers talk to it through queues.
 
 Handlers `submit` jobs (one per completion choice) and `abort` them; both only put a command on a
-thread-safe inbox. The loop thread drains the inbox, runs `engine.step()`, turns each new token into
-visible text (`Detokenizer`: UTF-8 completion and stop strings; a completed stop string aborts the
-request at once, so its blocks are free before the next step) and hands `Delta`s back to each job's
-sink, which wakes the handler's asyncio queue with `call_soon_threadsafe`.
+thread-safe inbox. The loop thread drains the inbox, runs `engine.step()` and hands each new token, with
+the visible text it added (`Request.text`: the engine's detokenizer completes UTF-8 and holds back what
+could start a stop string; a completed stop string retires the request inside the engine, so its blocks
+are free before the next step), back to its job's sink as a `Delta`, which wakes the handler's asyncio
+queue with `call_soon_threadsafe`.
 
 Prompt log-probabilities (`echo` with `logprobs`) come from a plain `model(prompt)` forward on this
 thread before the request is queued: log-softmax of the logits at position t-1 scores prompt token t.
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv2.engine import CacheError, Engine, RequestError, SamplingError, SamplingParams
-from dsv2.engine.detok import Detokenizer
 from dsv2.engine.sampling import TokenLogprob, token_logprobs
 from dsv2.serve.metrics import ServerMetrics
 
@@ -57,15 +57,14 @@ class Job:
     prompt: list[int]
     params: SamplingParams
     sink: Callable[[Delta | Failure], None]  # thread-safe: hands an item to the waiting handler
-    stop: tuple[str, ...] = ()
     prompt_logprobs: int | None = None  # top-k for each prompt token (echo + logprobs), None = off
     arrival: float = field(default_factory=time.perf_counter)
     # owned by the loop thread
     rid: int | None = None
     req: object | None = None
-    detok: Detokenizer | None = None
     admitted: bool = False
     n_out: int = 0  # tokens handed out so far
+    n_text: int = 0  # characters of the request's text handed out so far
     last_token_t: float | None = None
 
 
@@ -78,11 +77,13 @@ class ServerStopping(Exception):
 
 
 class EngineLoop:
-    """Runs `engine` on a daemon thread until `stop()`."""
+    """Runs `engine` (made with a tokenizer: the text of the output and stop strings) on a daemon thread
+    until `stop()`."""
 
-    def __init__(self, engine: Engine, model: torch.nn.Module, tokenizer, metrics: ServerMetrics,
-                 max_queue: int) -> None:
-        self.engine, self.model, self.tokenizer, self.metrics = engine, model, tokenizer, metrics
+    def __init__(self, engine: Engine, model: torch.nn.Module, metrics: ServerMetrics, max_queue: int) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("EngineLoop needs an engine with a tokenizer: Engine(model, tokenizer=...)")
+        self.engine, self.model, self.metrics = engine, model, metrics
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -175,7 +176,6 @@ class EngineLoop:
             job.sink(Failure(500, "internal error while queueing the request"))
             return
         job.req, job.rid = req, req.rid
-        job.detok = Detokenizer(self.tokenizer, job.stop)
         self._jobs[req.rid] = job
         self.metrics.prompt_tokens.inc(len(job.prompt))
         if pl is not None:
@@ -214,13 +214,11 @@ class EngineLoop:
             # one step can yield two tokens of a request (its prefill's and its first decode's): count them here
             lps = req.logprobs[job.n_out: job.n_out + 1] if job.params.logprobs is not None else []
             job.n_out += 1
-            delta = Delta(job.detok.add(tok), [tok], list(lps))
-            if job.detok.stopped:  # a stop string: its text is never shown; the engine request is cut short
-                self._finish(job, "stop", abort=True, last=delta)
-            elif req.status == "failed":
+            delta = Delta(req.text[job.n_text:], [tok], list(lps))  # (a stop string's text is never in it)
+            job.n_text = len(req.text)
+            if req.status == "failed":
                 self._fail(job, "internal error while generating")
-            elif req.status != "running":
-                delta.text += job.detok.flush()
+            elif req.status != "running":  # finished: length, eos or a stop string (retired by the engine)
                 self._finish(job, req.finish_reason, last=delta)
             else:
                 job.sink(delta)
