@@ -14,13 +14,13 @@ Shapes: N rows, D in features, O out features, E experts, I expert hidden size.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv2.model.attention import MLA
+from dsv2.model.layers import derived
 from dsv2.model.moe import Experts
 from dsv2.quant import native
 
@@ -50,17 +50,6 @@ def upcast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None if native_low_precision(x.device, dt) else dt
 
 
-def derived(weight: torch.Tensor, owner: object, slot: str, make: Callable[[torch.Tensor], torch.Tensor]
-            ) -> torch.Tensor:
-    """make(weight), cached on `owner` under `slot` and rebuilt when the weight changes in place (its
-    version counter moves: optimizer steps, load_state_dict, no_grad in-place ops), is replaced, moved
-    or cast. Writes through `.data` bypass the version counter and are not seen."""
-    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
-    cached = owner.__dict__.get(slot)
-    if cached is None or cached[0] != key:
-        cached = (key, make(weight.detach()))
-        owner.__dict__[slot] = cached
-    return cached[1]
 
 
 GEMV_ROWS = 4  # up to this many rows: dsv2's C GEMV (1.4-1.9x PyTorch's bf16 GEMM at 2-4 rows, 2 Zen 4 cores)

@@ -322,3 +322,29 @@ def test_one_token_inference_path_equals_the_sorted_dispatch(dtype: torch.dtype)
             with torch.no_grad():
                 assert rel_err(got, ref.forward_reference(x.double(), r.idx, r.weight.double())) <= (
                     1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_bf16_router_weight_widened_once_and_refreshed_after_updates() -> None:
+    """Inference on a bf16 MoE widens the router weight to fp32 once (not per call) and picks up in-place
+    updates of the weight; the logits are those of the fp32 weight, checked against float64."""
+    cfg = ModelConfig.from_preset("tiny")
+    model = DeepseekV2(cfg, dtype=torch.bfloat16)
+    randomize_(model, seed=5, std=0.2)
+    moe: MoE = model.layers[1].mlp
+    x = torch.randn(6, cfg.hidden_size).to(torch.bfloat16)
+
+    def want_idx() -> torch.Tensor:
+        logits = x.double() @ moe.gate.weight.double().T
+        return route(logits, cfg.num_experts_per_tok, cfg.topk_method, cfg.n_group, cfg.topk_group).idx
+
+    with torch.no_grad():
+        r = moe.route(x)
+        first = moe.__dict__["_gate_fp32"][1]
+        assert torch.equal(moe.route(x).idx, r.idx) and moe.__dict__["_gate_fp32"][1] is first  # cached
+        assert torch.equal(r.idx, want_idx())
+        moe.gate.weight.mul_(-1)  # an in-place update: the cache must follow
+        r2 = moe.route(x)
+        assert moe.__dict__["_gate_fp32"][1] is not first and torch.equal(r2.idx, want_idx())
+    r3 = moe.route(x)  # with autograd on: no cache, gradients reach the weight
+    r3.weight.sum().backward()
+    assert moe.gate.weight.grad is not None

@@ -8,6 +8,8 @@ Shapes: B batch, T tokens, D hidden_size, I intermediate size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,3 +57,16 @@ def halves_of(gate: torch.Tensor, up: torch.Tensor, whole: torch.Tensor | None) 
     return (whole.shape[-2] == 2 * i and gate.data_ptr() == whole.data_ptr() and gate.stride() == whole.stride()
             and up.data_ptr() == whole.data_ptr() + i * whole.stride(-2) * whole.element_size()
             and gate.dtype == whole.dtype)
+
+
+def derived(weight: torch.Tensor, owner: object, slot: str, make: Callable[[torch.Tensor], torch.Tensor]
+            ) -> torch.Tensor:
+    """make(weight), cached on `owner` under `slot` and rebuilt when the weight changes in place (its
+    version counter moves: optimizer steps, load_state_dict, no_grad in-place ops), is replaced, moved
+    or cast. Writes through `.data` bypass the version counter and are not seen."""
+    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        cached = (key, make(weight.detach()))
+        owner.__dict__[slot] = cached
+    return cached[1]

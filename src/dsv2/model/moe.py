@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import MLP, halves_of
+from dsv2.model.layers import MLP, derived, halves_of
 
 
 @dataclass
@@ -249,8 +249,11 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> Routing:
         c = self.cfg
+        w = self.gate.weight
+        if w.dtype != torch.float32 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            w = derived(w, self, "_gate_fp32", lambda t: t.float())  # inference: one fp32 copy, not one per call
         with torch.autocast(x.device.type, enabled=False):  # the gate is computed in fp32
-            logits = F.linear(x.float(), self.gate.weight.float())  # (N,E)
+            logits = F.linear(x.float(), w.float())  # (N,E)
         return route(logits, c.num_experts_per_tok, c.topk_method, c.n_group or 1, c.topk_group or 1,
                      c.norm_topk_prob, c.routed_scaling_factor)
 
