@@ -231,11 +231,13 @@ class Engine:
         exactly once, so a request that fails (e.g. NaN logits) changes nothing for its neighbours."""
         if not ready:
             return []
-        logits = torch.stack([lg for _, lg in ready])  # (B,V)
+        # (B,V); one row (batch-1 decode) as a view, not a copy of a vocabulary-wide row
+        logits = ready[0][1][None] if len(ready) == 1 else torch.stack([lg for _, lg in ready])
         greedy = [i for i, (r, _) in enumerate(ready) if r.params.greedy]
         toks: list[int | None] = [None] * len(ready)
         if greedy:
-            for i, t in zip(greedy, greedy_ids(logits[greedy]).tolist()):
+            rows = logits if len(greedy) == len(ready) else logits[greedy]
+            for i, t in zip(greedy, greedy_ids(rows).tolist()):
                 toks[i] = int(t)
         for i, (req, row) in enumerate(ready):
             if not req.params.greedy:
