@@ -135,6 +135,18 @@ def test_impl_choices_are_checked(mla_model) -> None:
     assert choose_decode_impl(gpu, [4000, 5, 9, 12]) == "fast"  # padding would dominate the gather
 
 
+def test_steps_record_no_autograd_graph(mla_model) -> None:
+    """The model's parameters require grad (as built), yet an engine step keeps no autograd graph: a step that
+    did would keep every activation of every step alive (a bf16 model grew ~290 MiB a decode step)."""
+    from dsv2.engine.runner import SeqWork
+
+    assert any(p.requires_grad for p in mla_model.parameters())
+    eng = Engine(mla_model, max_tokens=64, block_size=8)
+    with eng.reserve(8) as blocks:
+        out = eng.runner.execute([SeqWork(blocks, 0, PROMPTS[0])])[0]
+    assert not out.requires_grad and out.is_inference()
+
+
 def test_fragmented_cache_gives_the_same_tokens(mla_model, mla_refs) -> None:
     eng = Engine(mla_model, max_tokens=64 * 4, block_size=4, decode_chunk=5)
     # fragment the pool: hold every other block while the requests run (borrowed from the engine's block
@@ -392,8 +404,14 @@ def test_int8_activations_engine_equals_full_forward(weights: str) -> None:
     refs = [full_forward_greedy(model, p, n) for p, n in zip(PROMPTS[:3], MAX_NEW[:3])]
     outs = eng.generate(PROMPTS[:3], [SamplingParams(max_new_tokens=n) for n in MAX_NEW[:3]])
     assert outs == refs
-    Engine(model, max_tokens=64)  # the default config turns it off again
+    exact = Engine(model, max_tokens=64)  # the default config turns it off again
     assert not any(getattr(m, "int8_activations", False) for m in model.modules())
+    # two engines on one model: each step runs with its own engine's setting, whichever engine was built last
+    switches = [m for m in model.modules() if hasattr(m, "int8_activations")]
+    assert eng.generate(PROMPTS[:3], [SamplingParams(max_new_tokens=n) for n in MAX_NEW[:3]]) == refs
+    assert all(m.int8_activations for m in switches)
+    exact.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+    assert not any(m.int8_activations for m in switches)
     with pytest.raises(EngineConfigError, match="int8_activations.*float weights"):
         Engine(tiny_model(), max_tokens=64, int8_activations=True)
     with pytest.raises(EngineConfigError, match="int8_activations must be True or False"):

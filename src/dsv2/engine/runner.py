@@ -18,6 +18,7 @@ from dsv2.engine.compiled import CompiledDecode
 from dsv2.engine.config import EngineConfig
 from dsv2.model import DeepseekV2
 from dsv2.precision import native_low_precision
+from dsv2.quant.modules import _Quantised
 
 LOGITS = ("last", "all", "none")
 
@@ -50,6 +51,8 @@ class ModelRunner:
         self._scratch: torch.Tensor | None = None
         # compile=True: decode-only steps run one compiled graph of the whole forward (dsv2.engine.compiled)
         self.compiled = CompiledDecode(model, cache) if config.compile else None
+        # the quantised modules (their int8-activation switch follows config.int8_activations every step)
+        self._quantised = [m for m in model.modules() if isinstance(m, _Quantised)]
 
     def scratch(self) -> torch.Tensor | None:
         """(decode_chunk, W) fp32 buffer for upcast chunks (None when rows are used as stored)."""
@@ -60,6 +63,14 @@ class ModelRunner:
             self._scratch = torch.empty(n, self.cache.width, dtype=torch.float32, device=self.device)
         return self._scratch
 
+    def _own_switches(self) -> None:
+        """The quantised modules' int8-activation switch as this engine's config says: another engine on the same
+        model may have set it its own way since this one's last step (the modules hold one value for all)."""
+        want = self.config.int8_activations
+        if self._quantised and self._quantised[0].int8_activations != want:
+            for m in self._quantised:
+                m.int8_activations = want
+
     @torch.inference_mode()
     def execute(self, work: list[SeqWork]) -> list[torch.Tensor | None]:
         """Run one step; per item its logits: (V,) for "last", (T, V) for "all", None for "none".
@@ -67,6 +78,7 @@ class ModelRunner:
         Token ids and positions must have been validated by the caller (the scheduler does, on the host)."""
         if not work:
             return []
+        self._own_switches()
         if self.compiled is not None and self.compiled.supports(work):
             logits = self.compiled.run(work)  # None: this step's bucket did not compile, run it eagerly
             if logits is not None:
