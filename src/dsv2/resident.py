@@ -102,10 +102,11 @@ def reuse_freed_memory() -> bool:
     By default glibc serves a block above a moving threshold (128 KiB to 32 MiB) by a fresh `mmap` and unmaps
     it when freed, so each new activation tensor of a prefill or a batched step is faulted in page by page
     and zeroed by the kernel: 20-45 thousand page faults, ~90 ms of system time, per 512-token prefill of issue
-    13's 2-layer model (2 Zen 4 cores), against ~3-6 thousand with these settings. Blocks up to 32 MiB then come
-    from the heap, and up to 512 MiB of freed heap top stays mapped: the peak RSS is unchanged, memory that a
-    big step freed is kept for the next one rather than given back. Returns whether the settings took (False
-    off glibc)."""
+    13's 2-layer model (2 Zen 4 cores), against ~0.3-13 thousand with these settings. Blocks up to 32 MiB then come
+    from the heap, and up to 512 MiB of freed heap top stays mapped: the peak RSS stays about the same (+0-20
+    MiB on issue 13's 2-layer model after a 512-token prompt and 4 x 32 decode steps), and memory a big step freed
+    stays with the process for the next one (+30-50 MiB at the end there) rather than going back. Returns whether
+    the settings took (False off glibc)."""
     try:
         libc = _libc()
         if not hasattr(libc, "gnu_get_libc_version"):
@@ -120,7 +121,7 @@ def reuse_freed_memory() -> bool:
 def make_resident(model: nn.Module, keep_embeddings_mapped: bool = True) -> int:
     """Replace every file-backed parameter / buffer of `model` by an anonymous in-memory copy, in place.
 
-    One storage at a time, 64 MiB at a time, each chunk's file pages given back once copied (peak memory:
+    One storage at a time, 16 MiB at a time, each chunk's file pages given back once copied (peak memory:
     the model plus one chunk); tensors that shared a storage (tied embeddings, views) share the copy, and
     a Parameter stays the same object (its `.data` is swapped).
     keep_embeddings_mapped: leave a storage that only `nn.Embedding` modules use as file pages. A lookup
