@@ -67,18 +67,24 @@ def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def timed_rounds(fns: dict[str, tuple[Callable[[], object], int]]) -> dict[str, float]:
-    """Best seconds of each function, calls interleaved round by round so that load from other jobs
-    on the machine hits every implementation alike. fns: name -> (function, timed calls)."""
+def timed_rounds(fns: dict[str, tuple[Callable[[], object], int]], batch: int = 1,
+                 warm_each_round: bool = False) -> dict[str, float]:
+    """Best seconds a call of each function, calls interleaved round by round so that load from other jobs
+    on the machine hits every implementation alike. fns: name -> (function, timed rounds). batch: calls timed
+    together per round (the time is their mean); warm_each_round: one untimed call before each round's (for
+    kernels whose data fits a cache the other functions' calls evict)."""
     for fn, _ in fns.values():
         fn()  # warm-up
     best = {name: float("inf") for name in fns}
     for r in range(max(n for _, n in fns.values())):
         for name, (fn, n) in fns.items():
             if r < n:
+                if warm_each_round:
+                    fn()
                 t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
+                for _ in range(batch):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - t0) / batch)
     return best
 
 

@@ -22,12 +22,12 @@ panels / gemm) runs one section.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from _common import timed_rounds
 from dsv2 import precision
 from dsv2.engine import attention
 from dsv2.precision import CpuExperts, CpuLinear, native_low_precision
@@ -36,15 +36,8 @@ from dsv2.quant.kernels import Int4Weight, aten_int4_layout, quantize_int8, unpa
 
 
 def best(fns: dict[str, Callable[[], object]], rounds: int = 4, calls: int = 3) -> dict[str, float]:
-    out = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            fn()
-            t = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            out[k] = min(out[k], (time.perf_counter() - t) / calls)
-    return out
+    """Best seconds a call: `calls` calls timed together after an untimed one, `rounds` rounds interleaved."""
+    return timed_rounds({k: (fn, rounds) for k, fn in fns.items()}, batch=calls, warm_each_round=True)
 
 
 def row(name: str, old: str, new: str, t: dict[str, float], nbytes: int | None = None) -> None:
