@@ -19,6 +19,7 @@ from dsv2.quant.kernels import (
     INT4_Q8_ROWS,
     INT8_DEQUANT_ROWS,
     INT8_Q8_ROWS,
+    INT8_Q8_ROWS_AVX2,
     Q8_ROWS_AVX2,
     Int4Weight,
     aten_int4_layout,
@@ -541,7 +542,7 @@ def test_linear_with_int8_activations_is_the_product_of_the_rounded_activations(
     lib = native.library()
     gemv4 = weights == "int4" and dtype == torch.bfloat16 and lib is not None and native.fast_q8(lib)
     gemv4_rows = Q8_ROWS_AVX2 if gemv4 and native.int4_gemv_kind(lib) == 2 else INT4_Q8_ROWS
-    for m in (1, 5, INT8_Q8_ROWS + 3, 131):  # the GEMVs, and above their limits (the AVX2 build: none)
+    for m in (1, 5, INT8_Q8_ROWS + 3, 131, INT8_Q8_ROWS_AVX2 + 5):  # the GEMVs, and above their limits
         x = _x(m, k, dtype)
         xr = _rounded64(x)
         ref = xr @ deq.T

@@ -50,6 +50,10 @@ INT4_DEQUANT_ROWS = 24
 INT8_Q8_ROWS = 32
 INT4_Q8_ROWS = 1
 Q8_ROWS_AVX2 = 1 << 30
+# ... but int8 weights on the AVX2 build send the rounded x of more rows than this to dsv2's C GEMM (fp32 FMAs on
+# the codes as stored: the same product) instead of the integer GEMVs: 0.94-1.20x them at 192-1,024 rows, three
+# MLP / attention shapes, 2 Zen 4 cores capped at AVX2 (session 10; 0.86-1.05x at 64-128 rows)
+INT8_Q8_ROWS_AVX2 = 256
 # ... and above this many rows the AVX2 build's int4 takes the integer GEMM (`native.int4_gemm_q8`: 3 x 16
 # tiles of vpmaddubsw on unpacked panels) instead of the 4-row GEMVs: against them, 2 Zen 4 cores capped at
 # AVX2, g128, three MLP / attention shapes (`benchmarks/kernels.py --only gemm`): 0.7-0.95x at 4-16 rows,
@@ -168,7 +172,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, int8_act: boo
     """x (M,K) @ dequant(q)ᵀ -> (M,N) in x.dtype; scale must be in x.dtype. int8_act: x rounded to int8 first."""
     lib = native.library() if native.supports(x, scale) else None
     if int8_act:
-        if lib is not None and native.fast_q8(lib) and x.shape[0] <= _rows_limit(lib, Q8_ROWS_AVX2, INT8_Q8_ROWS):
+        if lib is not None and native.fast_q8(lib) and x.shape[0] <= _rows_limit(lib, INT8_Q8_ROWS_AVX2, INT8_Q8_ROWS):
             return native.int8_gemv_q8(lib, x, q, scale).to(x.dtype)
         x = round_activations_q8(x)
     if lib is None:
