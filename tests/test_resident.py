@@ -91,6 +91,10 @@ def test_engine_makes_weights_resident_by_default(folder: Path) -> None:
     assert file_backed(model)  # opted out: left as it was
     eng = Engine(model, max_tokens=64)
     assert eng.resident_bytes > 0 and file_backed(model) == ["embed_tokens.weight"]  # read a row per token
+    emb = model.embed_tokens.weight.detach().clone()
+    eng = Engine(model, max_tokens=64, resident_embedding=True)  # asked for: the embedding too
+    assert eng.resident_bytes == emb.nbytes and file_backed(model) == []
+    assert torch.equal(model.embed_tokens.weight, emb)
 
 
 def test_a_tied_embedding_is_copied(tmp_path: Path) -> None:

@@ -67,6 +67,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resident", action="store_true", help="leave memory-mapped weights as file pages "
                    "(default: copy them into RAM, so that the page cache cannot evict them between steps; "
                    "the token embedding, read a row per token, stays mapped)")
+    p.add_argument("--resident-embedding", action="store_true", help="copy the token embedding into RAM too "
+                   "(0.4 GiB for DeepSeek-V2's vocabulary): no page faults, or disk reads where the kernel evicted its "
+                   "file pages, when a prompt brings token ids not seen before")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, capped at "
                    "the cores idle now: more threads than idle cores make every step wait for the slowest)")
 
@@ -76,7 +79,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(kv_cache_dtype=args.kv_cache_dtype, kv_memory=args.kv_memory, max_batch=args.max_batch,
                 max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
                 rope_bf16=args.kv_rope_bf16, compile=args.compile, prefill_chunk=args.prefill_chunk,
-                resident=not args.no_resident, int8_activations=args.int8_activations)
+                resident=not args.no_resident, resident_embedding=args.resident_embedding,
+                int8_activations=args.int8_activations)
 
 
 def _pick_dtype(name: str, n_params: int, quantised: bool = False) -> torch.dtype:

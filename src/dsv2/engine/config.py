@@ -37,6 +37,7 @@ class EngineConfig:
     allocation: str = "on_demand"  # on_demand (blocks as tokens arrive) | reserve (prompt + max_new_tokens up front)
     watermark: float = 0.01  # fraction of blocks admission leaves free for running requests to grow into
     resident: bool = True  # copy memory-mapped weights (not the embedding) into RAM first
+    resident_embedding: bool = False  # with resident: the token embedding too (no page faults on new token ids)
     reuse_freed_memory: bool = True  # CPU, glibc: freed blocks up to 32 MiB kept for reuse (dsv2.resident)
     int8_activations: bool = False  # int8/int4 weights: activations rounded to int8 per 32 (faster, not exact)
 
@@ -59,7 +60,8 @@ class EngineConfig:
             pos_int(name, optional=True)
         need(self.allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}")
         need(isinstance(self.watermark, int | float) and 0 <= self.watermark < 1, "watermark", "must be in [0, 1)")
-        for name in ("compile", "prefix_caching", "resident", "reuse_freed_memory", "rope_bf16", "int8_activations"):
+        for name in ("compile", "prefix_caching", "resident", "resident_embedding", "reuse_freed_memory", "rope_bf16",
+                     "int8_activations"):
             need(isinstance(getattr(self, name), bool), name, "must be True or False")
         need(self.max_num_batched_tokens >= self.max_batch, "max_num_batched_tokens",
              f"must be >= max_batch={self.max_batch} (every running sequence decodes each step)")

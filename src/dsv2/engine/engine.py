@@ -105,7 +105,8 @@ class Engine:
         config = config if config is not None else EngineConfig(**kwargs)
         cfg = model.config
         # weights left as file pages are re-read from disk when the kernel evicts them (issue 13)
-        self.resident_bytes = make_resident(model) if config.resident else 0
+        self.resident_bytes = (make_resident(model, keep_embeddings_mapped=not config.resident_embedding)
+                               if config.resident else 0)
         w = model.embed_tokens.weight
         # each step's activations from reused heap blocks, not fresh page-faulted mappings
         self.malloc_tuned = config.reuse_freed_memory and w.device.type == "cpu" and reuse_freed_memory()
