@@ -50,8 +50,6 @@ def upcast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None if native_low_precision(x.device, dt) else dt
 
 
-
-
 GEMV_ROWS = 4  # up to this many rows: dsv2's C GEMV (1.4-1.9x PyTorch's bf16 GEMM at 2-4 rows, 2 Zen 4 cores)
 # where bf16 is not native (AVX2): up to this many rows the C GEMV on the bf16 weight instead of the fp32 GEMM
 # on a packed fp32 copy (2.4-3.3x at 2-4 rows, 1.4-1.8x at 8, 1.1-1.3x at 16; 2 Zen 4 cores capped at AVX2;

@@ -18,7 +18,7 @@ from dsv2.engine.compiled import CompiledDecode
 from dsv2.engine.config import EngineConfig
 from dsv2.model import DeepseekV2
 from dsv2.precision import native_low_precision
-from dsv2.quant.modules import _Quantised
+from dsv2.quant.swap import quantised_modules, set_int8_activations
 
 LOGITS = ("last", "all", "none")
 
@@ -51,8 +51,8 @@ class ModelRunner:
         self._scratch: torch.Tensor | None = None
         # compile=True: decode-only steps run one compiled graph of the whole forward (dsv2.engine.compiled)
         self.compiled = CompiledDecode(model, cache) if config.compile else None
-        # the quantised modules (their int8-activation switch follows config.int8_activations every step)
-        self._quantised = [m for m in model.modules() if isinstance(m, _Quantised)]
+        # one quantised module, whose int8-activation switch tells whether they all follow this engine's config
+        self._switch = next(iter(quantised_modules(model)), None)
 
     def scratch(self) -> torch.Tensor | None:
         """(decode_chunk, W) fp32 buffer for upcast chunks (None when rows are used as stored)."""
@@ -66,10 +66,8 @@ class ModelRunner:
     def _own_switches(self) -> None:
         """The quantised modules' int8-activation switch as this engine's config says: another engine on the same
         model may have set it its own way since this one's last step (the modules hold one value for all)."""
-        want = self.config.int8_activations
-        if self._quantised and self._quantised[0].int8_activations != want:
-            for m in self._quantised:
-                m.int8_activations = want
+        if self._switch is not None and self._switch.int8_activations != self.config.int8_activations:
+            set_int8_activations(self.model, self.config.int8_activations)
 
     @torch.inference_mode()
     def execute(self, work: list[SeqWork]) -> list[torch.Tensor | None]:

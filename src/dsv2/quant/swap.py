@@ -142,14 +142,19 @@ def swap_empty(model: nn.Module, qc: QuantConfig, dtype: torch.dtype) -> list[tu
     return out
 
 
+def quantised_modules(model: nn.Module) -> list[nn.Module]:
+    """Every int8/int4 module of `model` (QuantLinear, QuantExperts), in model order."""
+    from dsv2.quant.modules import _Quantised
+
+    return [m for m in model.modules() if isinstance(m, _Quantised)]
+
+
 def set_int8_activations(model: nn.Module, on: bool = True) -> int:
     """Turn int8 activations on (or off) in every quantised module of `model`: each product then multiplies
     its activations rounded to int8 per 32 values (llama.cpp's Q8_0 rounding) by integer dot products,
     faster on CPUs without native bf16 and not the exact product. Returns how many modules it set; turning
     it on in a model with no int8/int4 weights raises a QuantError (there is nothing it could apply to)."""
-    from dsv2.quant.modules import _Quantised
-
-    mods = [m for m in model.modules() if isinstance(m, _Quantised)]
+    mods = quantised_modules(model)
     if on and not mods:
         raise QuantError("int8 activations apply to int8/int4 weights; this model has float weights "
                          "(load it with weights='int8' or 'int4', or quantize it first)")
