@@ -157,3 +157,47 @@ def test_emulated_bf16_gemms_match_float64(route: str, monkeypatch) -> None:
         got = ex(xe, idx, wts)
     assert got.dtype == torch.bfloat16
     assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_norms_and_rope_run_one_c_call_in_inference_only(monkeypatch) -> None:
+    """After `prepare`, a bf16 model's RMSNorms and MLA's RoPE run as one C call each in CPU inference (the
+    same results as the plain modules' PyTorch ops, up to the order of the norm's sum), and as the plain
+    PyTorch ops with autograd on: gradients reach the norm weights."""
+    from dsv2.config import ModelConfig
+    from dsv2.model import DeepseekV2
+    from dsv2.model.layers import RMSNorm
+    from dsv2.precision import CpuRMSNorm
+    from dsv2.quant import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler: the C kernels cannot be built here")
+    torch.manual_seed(0)
+    model = DeepseekV2(ModelConfig.from_preset("tiny"), dtype=torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, model.config.vocab_size, (1, 11))
+    with torch.inference_mode():
+        want = model(ids)
+    prepare(model)
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(type(m) is CpuRMSNorm for m in norms)
+    calls = {"rms_norm": 0, "rope": 0}
+
+    def counting(name: str):
+        kernel = getattr(native, name)
+
+        def counted(*a):
+            calls[name] += 1
+            return kernel(*a)
+        return counted
+    for name in calls:
+        monkeypatch.setattr(native, name, counting(name))
+    with torch.inference_mode():
+        got = model(ids)
+    assert calls == {"rms_norm": len(norms), "rope": 2 * model.config.num_hidden_layers}
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)  # bf16: the sum's order
+    calls.update(rms_norm=0, rope=0)
+    model(ids).float().logsumexp(-1).sum().backward()
+    assert calls == {"rms_norm": 0, "rope": 0}
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in norms)

@@ -410,9 +410,9 @@ def test_policy_linear_one_bf16_row(kernels: str) -> None:
 
 def test_c_latent_decode_bf16_matches_float64(kernels: str) -> None:
     """dsv2_latent_decode_bf16 (absorbed MLA decode attention in fp32 over bf16 rows, for CPUs without native
-    bf16 GEMMs): heads not a multiple of its 8-head groups, a row width not a multiple of the vector width,
-    runs of rows that cross its 16-row tiles, one and two threads (the rows split, partial softmaxes merged);
-    and `latent_decode` takes it for upcast bf16 rows."""
+    bf16 GEMMs): heads not a multiple of its 4-head tiles, a row width not a multiple of the vector width,
+    runs of rows that cross its 12-row tiles and 3-row groups, one and two threads (the rows split, partial
+    softmaxes merged); and `latent_decode` takes it for upcast bf16 rows."""
     if kernels != "C":
         pytest.skip("C kernels only")
     from dsv2.engine.attention import latent_decode
@@ -440,6 +440,67 @@ def test_c_latent_decode_bf16_matches_float64(kernels: str) -> None:
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="expected bf16"):
         native.latent_decode_bf16(lib, q, [pool[:10].float()], c, scale)
+
+
+def test_c_rms_norm_matches_the_model_and_float64(kernels: str) -> None:
+    """dsv2_rms_norm (one call for `RMSNorm` in CPU inference): the model's PyTorch forward (fp32 normalisation,
+    cast to x's dtype, times the weight) up to the summation order of mean(x²), and a float64 recomputation
+    within that rounding; bf16 / fp32 x and weight, rows a view's stride apart, rows split between threads,
+    a NaN row stays NaN and leaves the others alone."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    from dsv2.model.layers import RMSNorm
+
+    lib = native.library()
+    for xd in (torch.bfloat16, torch.float32):
+        for wd in (torch.bfloat16, torch.float32):
+            for shape in ((1, 1, 2048), (3, 5, 200), (300, 256)):  # 300 x 256: past the threaded size
+                norm = RMSNorm(shape[-1], eps=1e-5, dtype=wd)
+                norm.weight.data.copy_(torch.randn(shape[-1], generator=GEN))
+                x = (torch.randn(*shape, generator=GEN) * 3).to(xd)
+                with torch.no_grad():
+                    want = norm(x)
+                got = native.rms_norm(lib, x, norm.weight, norm.eps)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                ulp = 2.0 ** -7 if got.dtype == torch.bfloat16 else 2.0 ** -21  # a step or two of the result
+                assert ((got.double() - want.double()).abs() <= ulp * want.double().abs() + 1e-30).all(), (xd, wd)
+                x64 = x.double()
+                ref = norm.weight.double() * x64 * (x64.pow(2).mean(-1, keepdim=True) + norm.eps).rsqrt()
+                tol = 2.0 ** -7 if torch.bfloat16 in (xd, wd) else 2.0 ** -20  # the casts' rounding
+                assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), (xd, wd)
+    x = torch.randn(4, 96, generator=GEN).bfloat16()
+    view = x[:, 16:80]  # rows 96 apart
+    norm = RMSNorm(64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(native.rms_norm(lib, view, norm.weight, norm.eps), norm(view), rtol=0, atol=0)
+    x[1, 20] = float("nan")
+    y = native.rms_norm(lib, view, norm.weight, norm.eps)
+    assert y[1].isnan().all() and not y[[0, 2, 3]].isnan().any()
+
+
+def test_c_rope_is_apply_rope(kernels: str) -> None:
+    """dsv2_rope: bit for bit `apply_rope` (the same fp32 products, rounded as PyTorch rounds them) on the
+    shapes MLA gives it: q's rope part (1, T, H, R), a view into the projection, with cos (T, 1, R/2), and
+    k's (1, T, R); other shapes are declined (None), for the caller's PyTorch code."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    from dsv2.model.rope import apply_rope
+
+    lib = native.library()
+    t, h, r = 9, 5, 64
+    cos, sin = torch.randn(t, r // 2, generator=GEN), torch.randn(t, r // 2, generator=GEN)
+    for dt in (torch.bfloat16, torch.float32):
+        q = torch.randn(1, t, h, 128 + r, generator=GEN).to(dt)[..., 128:]
+        got = native.rope(lib, q, cos[:, None, :], sin[:, None, :])
+        assert got is not None and got.dtype == dt and got.is_contiguous()
+        assert torch.equal(got, apply_rope(q, cos[:, None, :], sin[:, None, :]))
+        k = torch.randn(1, t, 512 + r, generator=GEN).to(dt)[..., 512:]
+        assert torch.equal(native.rope(lib, k, cos, sin), apply_rope(k, cos, sin))
+    two = torch.randn(2, t, r, generator=GEN)  # a batch of two, fp16, odd width, cos of other rows: declined
+    assert native.rope(lib, two, cos, sin) is None
+    assert native.rope(lib, two[:1].half(), cos, sin) is None
+    assert native.rope(lib, torch.randn(1, t, r - 1), cos, sin) is None
+    assert native.rope(lib, two[:1], cos[:3], sin[:3]) is None
 
 
 # ---- int8 activations ------------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class PagedBackend:
             k_pe: torch.Tensor, impl: str) -> torch.Tensor:
         self._write(layer_idx, torch.cat((c_kv, k_pe), dim=-1).flatten(0, 1))  # (N,C+R)
         qn, qp = q_nope[0], q_pe[0]  # (N,H,Dn), (N,H,R)
+        if not self.meta.prefill:  # every token decodes, in order: no gather / scatter
+            return self._mla_decode(attn, layer_idx, qn, qp)[None]
         out = qn.new_empty(qn.shape[0], attn.n_heads * attn.d_v)  # (N,H*Dv)
         if self.meta.decode:
             idx = self.meta.decode_tokens

@@ -100,6 +100,7 @@ class ModelRunner:
         hidden = self.model.forward_hidden(ids_t, pos_t, cache=backend, validate=False)[0]  # (N,D)
         if not pick:
             return [None] * len(work)
-        logits = self.model.lm_head(hidden[torch.tensor(pick, device=self.device)])  # (P,V)
+        picked = hidden if len(pick) == len(ids) else hidden[torch.tensor(pick, device=self.device)]  # (P,D)
+        logits = self.model.lm_head(picked)  # (P,V)
         return [None if w.logits == "none" else (part[0] if w.logits == "last" else part)
                 for w, part in zip(work, logits.split(sizes))]

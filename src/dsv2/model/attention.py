@@ -103,13 +103,13 @@ class MLA(nn.Module):
         q = self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.unflatten(-1, (self.n_heads, self.d_nope + self.d_rope))  # (B,T,H,Dn+R)
         q_nope, q_pe = q.split((self.d_nope, self.d_rope), dim=-1)
-        return q_nope, apply_rope(q_pe, cos[..., None, :], sin[..., None, :])
+        return q_nope, self.rope(q_pe, cos[..., None, :], sin[..., None, :])
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached pair: c_kv (B,T,C) after its RMSNorm, k_pe (B,T,R) after RoPE."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.kv_rank, self.d_rope), dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+        return self.kv_a_layernorm(c_kv), self.rope(k_pe, cos, sin)
 
     @property
     def w_uk(self) -> torch.Tensor:
@@ -136,6 +136,10 @@ class MLA(nn.Module):
             wc = w.detach().to(dtype).unflatten(0, (self.n_heads, -1))  # (H,Dn+Dv,C), a view when no cast
             self._absorbed = (key, wc[:, : self.d_nope].transpose(1, 2).contiguous(), wc[:, self.d_nope :])
         return self._absorbed[1], self._absorbed[2]
+
+    # RoPE of the decoupled parts (`apply_rope`): a class attribute, like `bmm_nt` below, so that a precision
+    # pass can swap in a kernel that does the same in one call (`dsv2.precision.CpuMLA`)
+    rope = staticmethod(apply_rope)
 
     # a @ bᵀ for each head: (H,M,K) x (H,N,K) -> (H,M,N), the absorbed path's per-head products. A class
     # attribute, so that a precision pass can swap in another kernel (`dsv2.precision.CpuMLA`).

@@ -102,4 +102,5 @@ class Rotary(torch.nn.Module):
             size = max(self.MIN_TABLE, 1 << (need - 1).bit_length())
             self._table = rope_cos_sin(self.inv_freq, torch.arange(size), self.amplitude)
         cos, sin = self._table
-        return cos[positions], sin[positions]
+        idx = positions.reshape(-1)  # (index_select: a few us a call less than indexing by a tensor)
+        return cos.index_select(0, idx).view(*positions.shape, -1), sin.index_select(0, idx).view(*positions.shape, -1)

@@ -2,7 +2,8 @@
  * dsv2/quant/native.py (cc -O3 -march=native -fopenmp) and called through ctypes: GEMVs for int8, int4 and
  * bf16 weights (batched over heads for bf16), and int8 / int4 dequantisation of row panels for the dense
  * GEMM, a GEMM on bf16 / int8 / int4 weights as stored (fp32 FMAs, for CPUs without native bf16), and one on
- * int4 weights with int8 activations (integer products, AVX2). The
+ * int4 weights with int8 activations (integer products, AVX2), MLA's absorbed decode attention over bf16 latent
+ * rows, and a decode step's RMSNorm and RoPE in one call each. The
  * pure-PyTorch path (aten's kernels, F.linear) is used wherever this library cannot be built.
  * With AVX512_BF16 the bf16-activation paths multiply with vdpbf16ps (bf16 pairs, exact products, fp32
  * sums): weights that are not bf16 become bf16 in registers first (int4 codes and int8 nibbles as the
@@ -1594,11 +1595,14 @@ static inline float lat_exp(float x) {
     return p * s;
 }
 
-#define LAT_TILE 16 /* rows widened to fp32 at a time (36 KiB at W = 576) */
-#define LAT_HG 4    /* heads per register group: 4 heads x 2 rows (scores) or 2 vectors (output) in 8 registers */
+#define LAT_TILE 12 /* rows widened to fp32 at a time (27 KiB at W = 576: beside q's panel, in L1 / L2) */
+#define LAT_HG 4    /* heads per register tile */
+#define LAT_RR 3    /* rows (scores) or vectors of columns (output) per register tile: 4 x 3 accumulators */
 
 /* One thread's rows [a, b) of the chunks: running max m (Hp,), sum l (Hp,) and unnormalised output o (Hp, Cp).
- * rf: LAT_TILE widened rows of Wr floats (Wr >= W and >= Cp, zero-padded), sp: scores / weights (Hp, LAT_TILE). */
+ * rf: LAT_TILE widened rows of Wr floats (Wr >= W and >= Cp, zero-padded), sp: scores / weights (Hp, LAT_TILE).
+ * Both products run on tiles of 4 heads x 3 rows (or 3 vectors of output columns): 12 accumulators, per step 7
+ * loads for 12 FMAs (the tile and q's panel are read from L1 / L2, not registers). */
 static void lat_part(const float *qp, int64_t Hp, int64_t W, int64_t Wr, int64_t Cp, const uint16_t *const *chunks,
                      const int64_t *lens, int64_t ld, int64_t a, int64_t b, float *m, float *l, float *o,
                      float *rf, float *sp) {
@@ -1616,23 +1620,23 @@ static void lat_part(const float *qp, int64_t Hp, int64_t W, int64_t Wr, int64_t
 #pragma omp simd
             for (int64_t k = 0; k < W; k++) dst[k] = bf2f(row[k]);
         }
-        for (int64_t hg = 0; hg < Hp; hg += LAT_HG) /* scores (q pre-scaled), two rows at a time */
-            for (int64_t i = 0; i < n; i += 2) {
-                const float *r0 = rf + i * Wr, *r1 = i + 1 < n ? r0 + Wr : r0;
-                vf acc[LAT_HG][2];
-                for (int j = 0; j < LAT_HG; j++) acc[j][0] = acc[j][1] = vzero();
+        for (int64_t i = 0; i < n; i += LAT_RR) /* scores (q pre-scaled) */
+            for (int64_t hg = 0; hg < Hp; hg += LAT_HG) {
+                const float *r0 = rf + i * Wr, *r1 = i + 1 < n ? r0 + Wr : r0, *r2 = i + 2 < n ? r0 + 2 * Wr : r0;
+                const float *q0 = qp + hg * Wr;
+                vf acc[LAT_HG][LAT_RR];
+                for (int j = 0; j < LAT_HG; j++) acc[j][0] = acc[j][1] = acc[j][2] = vzero();
                 for (int64_t k = 0; k < Wr; k += VW) {
-                    const vf x0 = vload(r0 + k), x1 = vload(r1 + k);
+                    const vf x0 = vload(r0 + k), x1 = vload(r1 + k), x2 = vload(r2 + k);
                     for (int j = 0; j < LAT_HG; j++) {
-                        const vf qv = vload(qp + (hg + j) * Wr + k);
+                        const vf qv = vload(q0 + j * Wr + k);
                         acc[j][0] = vfma(qv, x0, acc[j][0]);
                         acc[j][1] = vfma(qv, x1, acc[j][1]);
+                        acc[j][2] = vfma(qv, x2, acc[j][2]);
                     }
                 }
-                for (int j = 0; j < LAT_HG; j++) {
-                    sp[(hg + j) * LAT_TILE + i] = vsum(acc[j][0]);
-                    if (i + 1 < n) sp[(hg + j) * LAT_TILE + i + 1] = vsum(acc[j][1]);
-                }
+                for (int j = 0; j < LAT_HG; j++) /* rows past n: scores never read */
+                    for (int r = 0; r < LAT_RR && i + r < n; r++) sp[(hg + j) * LAT_TILE + i + r] = vsum(acc[j][r]);
             }
         for (int64_t h = 0; h < Hp; h++) { /* online softmax */
             float *s = sp + h * LAT_TILE, mx = m[h];
@@ -1652,21 +1656,25 @@ static void lat_part(const float *qp, int64_t Hp, int64_t W, int64_t Wr, int64_t
             }
             l[h] += sum;
         }
-        for (int64_t hg = 0; hg < Hp; hg += LAT_HG) /* o += p @ rows[:, :C], two vectors of columns at a time */
-            for (int64_t c = 0; c < Cp; c += 2 * VW) {
-                vf acc[LAT_HG][2];
+        /* o += p @ rows[:, :C], three vectors of columns at a time, every head group on them while in L1 */
+        for (int64_t c = 0; c < Cp; c += LAT_RR * VW)
+            for (int64_t hg = 0; hg < Hp; hg += LAT_HG) {
+                float *o0 = o + hg * Cp + c;
+                vf acc[LAT_HG][LAT_RR];
                 for (int j = 0; j < LAT_HG; j++)
-                    acc[j][0] = vload(o + (hg + j) * Cp + c), acc[j][1] = vload(o + (hg + j) * Cp + c + VW);
+                    for (int r = 0; r < LAT_RR; r++) acc[j][r] = vload(o0 + j * Cp + r * VW);
                 for (int64_t i = 0; i < n; i++) {
-                    const vf x0 = vload(rf + i * Wr + c), x1 = vload(rf + i * Wr + c + VW);
+                    const float *ri = rf + i * Wr + c;
+                    const vf x0 = vload(ri), x1 = vload(ri + VW), x2 = vload(ri + 2 * VW);
                     for (int j = 0; j < LAT_HG; j++) {
                         const vf p = vset1(sp[(hg + j) * LAT_TILE + i]);
                         acc[j][0] = vfma(p, x0, acc[j][0]);
                         acc[j][1] = vfma(p, x1, acc[j][1]);
+                        acc[j][2] = vfma(p, x2, acc[j][2]);
                     }
                 }
                 for (int j = 0; j < LAT_HG; j++)
-                    vstore(o + (hg + j) * Cp + c, acc[j][0]), vstore(o + (hg + j) * Cp + c + VW, acc[j][1]);
+                    for (int r = 0; r < LAT_RR; r++) vstore(o0 + j * Cp + r * VW, acc[j][r]);
             }
     }
 }
@@ -1682,7 +1690,8 @@ void dsv2_latent_decode_bf16(const float *q, int64_t H, int64_t W, int64_t C, co
                              int nthreads) {
     int64_t total = 0;
     for (int64_t i = 0; i < nchunks; i++) total += lens[i];
-    const int64_t Hp = (H + LAT_HG - 1) / LAT_HG * LAT_HG, Cp = (C + 2 * VW - 1) / (2 * VW) * (2 * VW);
+    const int64_t Hp = (H + LAT_HG - 1) / LAT_HG * LAT_HG;
+    const int64_t Cp = (C + LAT_RR * VW - 1) / (LAT_RR * VW) * (LAT_RR * VW);
     const int64_t Wp = (W + VW - 1) / VW * VW > Cp ? (W + VW - 1) / VW * VW : Cp; /* widened row stride */
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > total / 64) nt = total / 64 > 0 ? (int)(total / 64) : 1; /* at least 64 rows a thread */
@@ -1725,4 +1734,75 @@ void dsv2_latent_decode_bf16(const float *q, int64_t H, int64_t W, int64_t C, co
         for (int64_t c = 0; c < C; c++) oh[c] /= sum;
     }
     free(qp), free(part);
+}
+
+
+/* ---- the elementwise work of a decode step: RMSNorm and RoPE ------------------------------------------------
+ * Each is a handful of PyTorch ops (casts, a reduction, broadcasts) costing ~25-35 us of dispatch per call at
+ * batch 1, against ~2 us of work. Both compute in fp32 as the model's PyTorch code does, rounding where it
+ * rounds; fp contraction is off so that each product is rounded as PyTorch's separate multiply does. */
+
+static inline uint16_t f2bf_any(float f) { /* round to nearest even; NaN -> the quiet NaN PyTorch gives */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* y (M, D) = w * cast(x * r), r = 1 / sqrt(mean(x^2) + eps) per row, in fp32: cast rounds to bf16 when x is bf16
+ * (x_bf16), the product with w is rounded to bf16 when y is (y_bf16). x rows ldx elements apart, y contiguous. */
+__attribute__((optimize("fp-contract=off")))
+void dsv2_rms_norm(const void *x, int x_bf16, int64_t ldx, const void *w, int w_bf16, void *y, int y_bf16,
+                   int64_t M, int64_t D, float eps, int nthreads) {
+    const int nt = M * D >= (1 << 16) && nthreads > 1 ? nthreads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < M; i++) {
+        float ss = 0.f;
+        if (x_bf16) {
+            const uint16_t *xr = (const uint16_t *)x + i * ldx;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t k = 0; k < D; k++) ss += bf2f(xr[k]) * bf2f(xr[k]);
+        } else {
+            const float *xr = (const float *)x + i * ldx;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t k = 0; k < D; k++) ss += xr[k] * xr[k];
+        }
+        const float r = 1.f / sqrtf(ss / (float)D + eps);
+        for (int64_t k = 0; k < D; k++) {
+            float t = load(x, i * ldx + k, x_bf16) * r;
+            if (x_bf16) t = bf2f(f2bf_any(t));
+            const float v = load(w, k, w_bf16) * t;
+            if (y_bf16)
+                ((uint16_t *)y)[i * D + k] = f2bf_any(v);
+            else
+                ((float *)y)[i * D + k] = v;
+        }
+    }
+}
+
+/* Rotary embedding of interleaved pairs: for each of N tokens and H heads, the R values of x (token n, head h at
+ * x + n * sn + h * sh, unit stride) as R/2 pairs (a, b) rotated by the token's angles: (a cos - b sin,
+ * a sin + b cos), cos / sin (N, R/2) fp32. out (N, H, R) contiguous, bf16 when x is (bf16). */
+__attribute__((optimize("fp-contract=off")))
+void dsv2_rope(const void *x, int bf16, int64_t sn, int64_t sh, const float *cs, const float *sn_, void *out,
+               int64_t N, int64_t H, int64_t R) {
+    const int64_t P = R / 2;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t xo = n * sn + h * sh, oo = (n * H + h) * R;
+            for (int64_t p = 0; p < P; p++) {
+                const float a = load(x, xo + 2 * p, bf16), b = load(x, xo + 2 * p + 1, bf16);
+                const float c = cs[n * P + p], s = sn_[n * P + p];
+                const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
+                const float e = ac - bs, o = as + bc;
+                if (bf16) {
+                    ((uint16_t *)out)[oo + 2 * p] = f2bf_any(e);
+                    ((uint16_t *)out)[oo + 2 * p + 1] = f2bf_any(o);
+                } else {
+                    ((float *)out)[oo + 2 * p] = e;
+                    ((float *)out)[oo + 2 * p + 1] = o;
+                }
+            }
+        }
 }

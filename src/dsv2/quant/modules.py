@@ -87,16 +87,16 @@ class _Quantised(nn.Module):
 
     def _mm(self, prefix: str, index: tuple[int, ...], x: torch.Tensor, n: int, k: int) -> torch.Tensor:
         """x (M,k) in self.dtype times the weight in slot `index` -> (M,n)."""
-        q = getattr(self, f"{prefix}qweight")[index]
+        q = _slot(getattr(self, f"{prefix}qweight"), index)
         compiling = torch.compiler.is_compiling()  # then the products are opaque ops, and nothing is counted
         act8 = self.int8_activations
         if self.weights == "int8":
-            s = getattr(self, f"{prefix}scales")[index]
+            s = _slot(getattr(self, f"{prefix}scales"), index)
             if compiling:
                 return int8_mm_op(x, q, s, act8)
             self._count(q, s)
             return int8_mm(x, q, s, act8)
-        sz = getattr(self, f"{prefix}scales_and_zeros")[index]
+        sz = _slot(getattr(self, f"{prefix}scales_and_zeros"), index)
         if x.device.type != "cpu":
             raise QuantError(f"int4 weights run on the CPU kernel only; got activations on {x.device}")
         if compiling:
@@ -110,6 +110,11 @@ class _Quantised(nn.Module):
             return dequantize_int8(q, getattr(self, f"{prefix}scales")[index], self.dtype)
         sz = getattr(self, f"{prefix}scales_and_zeros")[index]
         return Int4Weight(q, sz, n, k, self.group_size).dequantize(self.dtype)
+
+
+def _slot(t: torch.Tensor, index: tuple[int, ...]) -> torch.Tensor:
+    """t[index]; t itself for the empty index (a Linear's one slot) without an alias op a call."""
+    return t[index] if index else t
 
 
 class QuantLinear(_Quantised):
@@ -153,11 +158,12 @@ class QuantLinear(_Quantised):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.dtype)  # (M,K)
-        y = self._mm("", (), x2, self.out_features, self.in_features)
+        x2 = x.reshape(-1, self.in_features)  # (M,K)
+        y = self._mm("", (), x2 if x2.dtype == self.dtype else x2.to(self.dtype), self.out_features, self.in_features)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)  # (...,N)
+        y = y.reshape(*lead, self.out_features)  # (...,N)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.weights == "int4" else ""

@@ -47,6 +47,8 @@ _SIGNATURES = {
     "dsv2_int4_gemv_q8": [_p, _int, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
     "dsv2_int4_gemm_q8": [_p, _int, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
     "dsv2_gemm": [_p, _int, _i64, _p, _int, _i64, _p, _int, _i64, _p, _i64, _i64, _i64, _i64, _int],
+    "dsv2_rms_norm": [_p, _int, _i64, _p, _int, _p, _int, _i64, _i64, ctypes.c_float, _int],
+    "dsv2_rope": [_p, _int, _i64, _i64, _p, _p, _p, _i64, _i64, _i64],
 }
 
 
@@ -135,6 +137,11 @@ def reset() -> None:
 
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
+
+
+def _row(t: torch.Tensor, r: int) -> int:
+    """The address of row r of a 2-D tensor (what `_ptr(t[r:])` gives, without making the view)."""
+    return t.data_ptr() + r * t.stride(0) * t.element_size()
 
 
 def _scale_flag(t: torch.Tensor) -> int:
@@ -294,8 +301,8 @@ def int8_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torc
     y = torch.empty(m, n, dtype=torch.float32)
     for r0 in range(0, m, Q8_CHUNK_ROWS):
         r1 = min(m, r0 + Q8_CHUNK_ROWS)
-        lib.dsv2_int8_gemv_q8(_ptr(xq[r0:r1]), _ptr(d[r0:r1]), _ptr(q), _ptr(scale), _scale_flag(scale),
-                              _ptr(y[r0:r1]), r1 - r0, n, k, torch.get_num_threads())
+        lib.dsv2_int8_gemv_q8(_row(xq, r0), _row(d, r0), _ptr(q), _ptr(scale), _scale_flag(scale),
+                              _row(y, r0), r1 - r0, n, k, torch.get_num_threads())
     return y
 
 
@@ -322,16 +329,19 @@ def _int4_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, sz: torch.
     np_ = packed.shape[0]
     if packed.shape[1] * 2 != kp:
         raise ValueError(f"activations have {kp} columns, the packed weight {packed.shape[1] * 2}")
-    xq = torch.empty(m, kp, dtype=torch.int8)
-    d = torch.empty(m, kp // 32, dtype=torch.float32)
-    xs = torch.empty(m, kp // group_size, dtype=torch.float32)
+    # the kernel's scratch (x's int8 codes, their scales and x's group sums) in one buffer: per row kp int8,
+    # kp/32 + kp/g fp32; 64-byte aligned parts
+    cq, cd = -(-m * kp // 64) * 64, -(-m * (kp // 32) * 4 // 64) * 64
+    scratch = torch.empty(cq + cd + m * (kp // group_size) * 4, dtype=torch.uint8)
+    xq, xs = scratch.data_ptr(), scratch.data_ptr() + cq + cd
     y = torch.empty(m, np_, dtype=torch.float32)
     step = m if gemm else Q8_CHUNK_ROWS  # (the GEMM keeps its own row blocks in the cache)
     fn = lib.dsv2_int4_gemm_q8 if gemm else lib.dsv2_int4_gemv_q8
+    bf16, nt = int(x.dtype == torch.bfloat16), torch.get_num_threads()
     for r0 in range(0, m, max(step, 1)):
         r1 = min(m, r0 + step)
-        fn(_ptr(x[r0:r1]), int(x.dtype == torch.bfloat16), _ptr(packed), _ptr(sz), _ptr(xq[r0:r1]), _ptr(d[r0:r1]),
-           _ptr(xs[r0:r1]), _ptr(y[r0:r1]), r1 - r0, np_, kp, group_size, torch.get_num_threads())
+        fn(_row(x, r0), bf16, _ptr(packed), _ptr(sz), xq + r0 * kp, xq + cq + r0 * (kp // 32) * 4,
+           xs + r0 * (kp // group_size) * 4, _row(y, r0), r1 - r0, np_, kp, group_size, nt)
     return y
 
 
@@ -400,4 +410,43 @@ def latent_decode_bf16(lib: ctypes.CDLL, q: torch.Tensor, chunks: list[torch.Ten
     out = torch.empty(h, c, dtype=torch.float32)
     lib.dsv2_latent_decode_bf16(_ptr(q), h, w, c, ptrs, lens, len(chunks), ld, scale, _ptr(out),
                                 torch.get_num_threads())
+    return out
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`RMSNorm`'s product in one call: w · cast(x · rsqrt(mean(x²) + eps)), normalised in fp32 and cast to
+    x's dtype before the weight, the result in the promoted dtype of x and w. x (..., D) and w (D,) fp32 / bf16;
+    x's last dim contiguous."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, w.dtype))
+    lib.dsv2_rms_norm(_ptr(x2), int(x.dtype == torch.bfloat16), x2.stride(0), _ptr(w), int(w.dtype == torch.bfloat16),
+                      _ptr(y), int(y.dtype == torch.bfloat16), x2.shape[0], d, eps, torch.get_num_threads())
+    return y
+
+
+def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """`apply_rope` for the shapes attention gives it: x (B, T, R) or (B, T, H, R) fp32 / bf16 with unit stride
+    in R, cos / sin fp32 of T rows of R/2 (any leading ones of size 1 or of broadcast heads). None when the
+    shapes are other ones (the caller's PyTorch code handles those)."""
+    if x.dim() == 3:
+        x4 = x[:, :, None]
+    elif x.dim() == 4:
+        x4 = x
+    else:
+        return None
+    b, t, h, r = x4.shape
+    if (b != 1 or x4.stride(-1) != 1 or r % 2 or x.dtype not in (torch.float32, torch.bfloat16)
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32):
+        return None
+    cs, sn = cos.reshape(-1, r // 2), sin.reshape(-1, r // 2)
+    if cs.shape[0] != t or sn.shape[0] != t:
+        return None
+    cs, sn = cs.contiguous(), sn.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib.dsv2_rope(_ptr(x4), int(x.dtype == torch.bfloat16), x4.stride(1), x4.stride(2), _ptr(cs), _ptr(sn), _ptr(out),
+                  t, h, r)
     return out
