@@ -7,7 +7,8 @@ BENCHMARKS.md for the commands). Format pairs:
 
     llama.cpp bf16  <->  dsv2 bf16 (from_pretrained)
     llama.cpp Q8_0  <->  dsv2 int8 (per output channel, quantised while loading)
-    llama.cpp Q4_0  <->  dsv2 int4, groups of 32 (Q4_0's block) and of 128 (dsv2's default; --no-g128 skips it)
+    llama.cpp Q4_0  <->  dsv2 int4, groups of 32 (Q4_0's block; --no-g32 skips it) and of 128 (dsv2's default;
+                         --no-g128 skips it)
     --int8-activations adds dsv2's int8 / int4 rows with activations rounded to int8 per 32 values
     ("... a8": EngineConfig.int8_activations, the rounding llama.cpp's Q8_0 / Q4_0 products use)
 
@@ -227,6 +228,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1K / 4K decode, 512 prefill, 1 / 4 / 16 sequences")
     ap.add_argument("--types", nargs="+", default=list(PAIRS), choices=list(PAIRS), help="llama.cpp formats")
     ap.add_argument("--no-g128", action="store_true", help="skip dsv2 int4 with groups of 128")
+    ap.add_argument("--no-g32", action="store_true", help="skip dsv2 int4 with groups of 32")
     ap.add_argument("--int8-activations", action="store_true",
                     help="also dsv2's int8/int4 with int8 activations (EngineConfig.int8_activations)")
     ap.add_argument("--contexts", type=int, nargs="*", default=None, help="decode contexts (none: skip decode)")
@@ -261,7 +263,9 @@ def main() -> None:
         if not p.is_file():
             sys.exit(GGUF_HELP.format(path=p, ckpt=args.checkpoint, dir=args.gguf_dir, name=args.gguf_name,
                                       bin=args.llama_bin))
-    pairs = {t: [f for f in PAIRS[t] if not (args.no_g128 and f == "int4 g128")] for t in args.types}
+    skip = {"int4 g128"} if args.no_g128 else set()
+    skip |= {"int4 g32"} if args.no_g32 else set()
+    pairs = {t: [f for f in PAIRS[t] if f not in skip] for t in args.types}
     if args.int8_activations:
         pairs = {t: fs + [f"{f} a8" for f in fs if f != "bf16"] for t, fs in pairs.items()}
 

@@ -160,13 +160,13 @@ def test_emulated_bf16_gemms_match_float64(route: str, monkeypatch) -> None:
 
 
 def test_norms_and_rope_run_one_c_call_in_inference_only(monkeypatch) -> None:
-    """After `prepare`, a bf16 model's RMSNorms and MLA's RoPE run as one C call each in CPU inference (the
-    same results as the plain modules' PyTorch ops, up to the order of the norm's sum), and as the plain
-    PyTorch ops with autograd on: gradients reach the norm weights."""
+    """After `prepare`, a bf16 model's RMSNorms, MLA's RoPE and the MLPs' SwiGLU gating run as one C call each
+    in CPU inference (the same results as the plain modules' PyTorch ops, up to the order of the norm's sum and
+    the exp's last bit), and as the plain PyTorch ops with autograd on: gradients reach the norm weights."""
     from dsv2.config import ModelConfig
     from dsv2.model import DeepseekV2
-    from dsv2.model.layers import RMSNorm
-    from dsv2.precision import CpuRMSNorm
+    from dsv2.model.layers import MLP, RMSNorm
+    from dsv2.precision import CpuMLP, CpuRMSNorm
     from dsv2.quant import native
 
     if native.library() is None:
@@ -182,7 +182,9 @@ def test_norms_and_rope_run_one_c_call_in_inference_only(monkeypatch) -> None:
     prepare(model)
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     assert norms and all(type(m) is CpuRMSNorm for m in norms)
-    calls = {"rms_norm": 0, "rope": 0}
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]  # dense layers and shared experts
+    assert mlps and all(type(m) is CpuMLP for m in mlps)
+    calls = {"rms_norm": 0, "rope": 0, "silu_mul": 0}
 
     def counting(name: str):
         kernel = getattr(native, name)
@@ -195,9 +197,9 @@ def test_norms_and_rope_run_one_c_call_in_inference_only(monkeypatch) -> None:
         monkeypatch.setattr(native, name, counting(name))
     with torch.inference_mode():
         got = model(ids)
-    assert calls == {"rms_norm": len(norms), "rope": 2 * model.config.num_hidden_layers}
+    assert calls == {"rms_norm": len(norms), "rope": 2 * model.config.num_hidden_layers, "silu_mul": len(mlps)}
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)  # bf16: the sum's order
-    calls.update(rms_norm=0, rope=0)
+    calls.update(rms_norm=0, rope=0, silu_mul=0)
     model(ids).float().logsumexp(-1).sum().backward()
-    assert calls == {"rms_norm": 0, "rope": 0}
+    assert calls == {"rms_norm": 0, "rope": 0, "silu_mul": 0}
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in norms)

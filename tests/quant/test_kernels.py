@@ -503,6 +503,31 @@ def test_c_rope_is_apply_rope(kernels: str) -> None:
     assert native.rope(lib, two[:1], cos[:3], sin[:3]) is None
 
 
+def test_c_silu_mul_matches_pytorch_and_float64(kernels: str) -> None:
+    """dsv2_silu_mul (SwiGLU's gating in one call): PyTorch's silu(g) · u up to the exp's last bit (bf16: the
+    same roundings, so nearly every element equal), float64 within the casts' rounding; g and u the two halves
+    of one gate-up product (rows strided), rows split between threads, NaN in, NaN out; other inputs declined."""
+    if kernels != "C":
+        pytest.skip("C kernels only")
+    lib = native.library()
+    for dt, rows in ((torch.bfloat16, 1), (torch.bfloat16, 40), (torch.float32, 40)):
+        gu = (torch.randn(rows, 2 * 1700, generator=GEN) * 4).to(dt)  # 40 x 1,700: past the threaded size
+        gu[0, :4] = torch.tensor([float("nan"), 30.0, -30.0, 0.0])
+        g, u = gu.chunk(2, dim=-1)
+        got, want = native.silu_mul(lib, g, u), F.silu(g) * u
+        assert got.dtype == dt and got.shape == g.shape and got.is_contiguous()
+        assert got[0, 0].isnan() and not got.flatten()[1:].isnan().any()
+        ok = got.flatten()[1:].double(), want.flatten()[1:].double()
+        close = (ok[0] - ok[1]).abs() <= (2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -20) * ok[1].abs()
+        assert close.all() and (dt == torch.float32 or (ok[0] != ok[1]).sum() <= ok[0].numel() // 1000)
+        g64 = g.double()
+        ref = (g64 * torch.sigmoid(g64) * u.double()).flatten()[1:]
+        tol = 2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -20
+        assert ((ok[0] - ref).abs() <= tol * ref.abs() + 1e-30).all()
+    assert native.silu_mul(lib, g, u[:, :-1]) is None and native.silu_mul(lib, g.half(), u.half()) is None
+    assert native.silu_mul(lib, g.t(), u.t()) is None
+
+
 # ---- int8 activations ------------------------------------------------------------------------------------
 def _rounded64(x: torch.Tensor) -> torch.Tensor:
     """x rounded as the int8-activation kernels round it (codes · d per 32 columns), in float64."""

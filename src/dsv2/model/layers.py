@@ -29,8 +29,18 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating, silu(g) · u: the one definition the dense MLP, the routed experts and the quantised
+    experts apply to their gate and up products."""
+    return F.silu(g) * u
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) · up(x)). Used dense and as the shared experts."""
+
+    # silu(g) · u as a class attribute, so that a precision pass can swap in a kernel that does the same in one
+    # call (`dsv2.precision.CpuMLP`)
+    gating = staticmethod(silu_mul)
 
     def __init__(self, dim: int, hidden: int, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -44,8 +54,8 @@ class MLP(nn.Module):
         gate_up = self.__dict__.get("_gate_up")  # set by dsv2.fuse: one Linear over [gate; up]
         if gate_up is not None and halves_of(self.gate_proj.weight, self.up_proj.weight, gate_up.weight):
             g, u = gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(g) * u)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.gating(g, u))
+        return self.down_proj(self.gating(self.gate_proj(x), self.up_proj(x)))
 
 
 def halves_of(gate: torch.Tensor, up: torch.Tensor, whole: torch.Tensor | None) -> bool:

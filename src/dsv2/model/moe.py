@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import MLP, derived, halves_of
+from dsv2.model.layers import MLP, derived, halves_of, silu_mul
 
 
 @dataclass
@@ -118,7 +118,7 @@ def swiglu(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, g
         a, b = linear(x, gu).chunk(2, dim=-1)
     else:
         a, b = linear(x, g), linear(x, u)
-    return linear(F.silu(a) * b, d)
+    return linear(silu_mul(a, b), d)
 
 
 class Experts(nn.Module):

@@ -1577,9 +1577,11 @@ void dsv2_int4_gemm_q8(const void *x, int x_bf16, const uint8_t *packed, const u
 
 /* ---- MLA decode attention over bf16 latent rows, in fp32 (CPUs without native bf16 GEMMs) ---------------- */
 
-/* e^x for x <= 0 (softmax terms s - max), Cephes' polynomial: ~2 ulp; branch-free, so loops of it vectorise */
+/* e^x, Cephes' polynomial: ~2 ulp; branch-free, so loops of it vectorise. Arguments are clamped to
+ * [-87.3, 88]: e^x underflows to ~1e-38 below and stays finite above (softmax terms s - max are <= 0; SwiGLU's
+ * silu(x) = x / (1 + e^-x) is then x / 1.6e38 ~ 0 for x < -88). A NaN stays NaN. */
 static inline float lat_exp(float x) {
-    x = x < -87.3f ? -87.3f : x;
+    x = x < -87.3f ? -87.3f : x > 88.f ? 88.f : x;
     const float n = __builtin_rintf(x * 1.44269504088896341f);
     const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -1805,4 +1807,32 @@ void dsv2_rope(const void *x, int bf16, int64_t sn, int64_t sh, const float *cs,
                 }
             }
         }
+}
+
+
+/* SwiGLU's gating out (M, N) = silu(g) * u, computed in fp32 as PyTorch's ops do: silu(g) = g / (1 + e^-g),
+ * rounded to bf16 when the inputs are (bf16), then times u, rounded again; g and u rows ldg / ldu elements apart
+ * (halves of one gate-up product), out contiguous. */
+__attribute__((optimize("fp-contract=off")))
+void dsv2_silu_mul(const void *g, const void *u, int bf16, int64_t ldg, int64_t ldu, void *out, int64_t M,
+                   int64_t N, int nthreads) {
+    const int nt = M > 1 && M * N >= (1 << 16) && nthreads > 1 ? nthreads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < M; i++) {
+        if (bf16) {
+            const uint16_t *gi = (const uint16_t *)g + i * ldg, *ui = (const uint16_t *)u + i * ldu;
+            uint16_t *oi = (uint16_t *)out + i * N;
+#pragma omp simd
+            for (int64_t k = 0; k < N; k++) {
+                const float a = bf2f(gi[k]);
+                const float s = bf2f(f2bf_any(a / (1.f + lat_exp(-a))));
+                oi[k] = f2bf_any(s * bf2f(ui[k]));
+            }
+        } else {
+            const float *gi = (const float *)g + i * ldg, *ui = (const float *)u + i * ldu;
+            float *oi = (float *)out + i * N;
+#pragma omp simd
+            for (int64_t k = 0; k < N; k++) oi[k] = gi[k] / (1.f + lat_exp(-gi[k])) * ui[k];
+        }
+    }
 }

@@ -15,9 +15,9 @@ import itertools
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dsv2.model.layers import silu_mul
 from dsv2.quant.kernels import (
     Int4Weight,
     QuantError,
@@ -250,7 +250,7 @@ class QuantExperts(_Quantised):
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's SwiGLU on its tokens x (c,D) in self.dtype -> (c,D): one product for gate and up."""
         gu = self._mm("gate_up_", (e,), x, 2 * self.hidden, self.dim)  # (c,2I)
-        return self._mm("down_", (e,), F.silu(gu[:, : self.hidden]) * gu[:, self.hidden:], self.dim, self.hidden)
+        return self._mm("down_", (e,), silu_mul(gu[:, : self.hidden], gu[:, self.hidden:]), self.dim, self.hidden)
 
     def dequantised(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate (E,I,D), up (E,I,D), down (E,D,I) in `dtype`, for tests and references."""

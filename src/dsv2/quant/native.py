@@ -49,6 +49,7 @@ _SIGNATURES = {
     "dsv2_gemm": [_p, _int, _i64, _p, _int, _i64, _p, _int, _i64, _p, _i64, _i64, _i64, _i64, _int],
     "dsv2_rms_norm": [_p, _int, _i64, _p, _int, _p, _int, _i64, _i64, ctypes.c_float, _int],
     "dsv2_rope": [_p, _int, _i64, _i64, _p, _p, _p, _i64, _i64, _i64],
+    "dsv2_silu_mul": [_p, _p, _int, _i64, _i64, _p, _i64, _i64, _int],
 }
 
 
@@ -449,4 +450,21 @@ def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     out = torch.empty(x.shape, dtype=x.dtype)
     lib.dsv2_rope(_ptr(x4), int(x.dtype == torch.bfloat16), x4.stride(1), x4.stride(2), _ptr(cs), _ptr(sn), _ptr(out),
                   t, h, r)
+    return out
+
+
+def silu_mul(lib: ctypes.CDLL, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """SwiGLU's gating silu(g) · u in one call (fp32 arithmetic, rounded where PyTorch's two ops round), g and u
+    of one shape and dtype (fp32 / bf16) with unit stride in the last dim (e.g. the halves of one gate-up
+    product); None for other inputs (the caller's PyTorch code handles those)."""
+    if (g.shape != u.shape or g.dtype != u.dtype or g.dtype not in (torch.float32, torch.bfloat16) or g.dim() == 0
+            or g.stride(-1) != 1 or u.stride(-1) != 1):
+        return None
+    n = g.shape[-1]
+    g2, u2 = g.reshape(-1, n), u.reshape(-1, n)  # views for row-strided halves
+    if g2.stride(-1) != 1 or u2.stride(-1) != 1:
+        return None
+    out = torch.empty(g.shape, dtype=g.dtype)
+    lib.dsv2_silu_mul(_ptr(g2), _ptr(u2), int(g.dtype == torch.bfloat16), g2.stride(0), u2.stride(0), _ptr(out),
+                      g2.shape[0], n, torch.get_num_threads())
     return out
