@@ -1597,6 +1597,30 @@ static inline float lat_exp(float x) {
     return p * s;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define LAT_VEXP 1
+/* lat_exp on 8 lanes (the same clamps and polynomial, with FMAs): the scalar form does not vectorise (GCC keeps
+ * its clamps as branches), and a softmax or SwiGLU spends more time in e^x than in the products around it */
+static inline __m256 lat_exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f)); /* NaN: -87.3 here */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f),
+                                     _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#else
+#define LAT_VEXP 0
+#endif
+
 #define LAT_TILE 12 /* rows widened to fp32 at a time (27 KiB at W = 576: beside q's panel, in L1 / L2) */
 #define LAT_HG 4    /* heads per register tile */
 #define LAT_RR 3    /* rows (scores) or vectors of columns (output) per register tile: 4 x 3 accumulators */
@@ -1651,8 +1675,17 @@ static void lat_part(const float *qp, int64_t Hp, int64_t W, int64_t Wr, int64_t
                 l[h] *= alpha, m[h] = mx;
             }
             float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < n; i++) {
+            int64_t i = 0;
+#if LAT_VEXP
+            for (; i + 8 <= n; i += 8) {
+                const __m256 e = lat_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(mx)));
+                _mm256_storeu_ps(s + i, e);
+                __m128 t = _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps(e, 1));
+                t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+                sum += _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+            }
+#endif
+            for (; i < n; i++) {
                 s[i] = lat_exp(s[i] - mx);
                 sum += s[i];
             }
@@ -1742,19 +1775,17 @@ void dsv2_latent_decode_bf16(const float *q, int64_t H, int64_t W, int64_t C, co
 /* ---- the elementwise work of a decode step: RMSNorm and RoPE ------------------------------------------------
  * Each is a handful of PyTorch ops (casts, a reduction, broadcasts) costing ~25-35 us of dispatch per call at
  * batch 1, against ~2 us of work. Both compute in fp32 as the model's PyTorch code does, rounding where it
- * rounds; fp contraction is off so that each product is rounded as PyTorch's separate multiply does. */
+ * rounds (RoPE with fp contraction off: each product rounded as PyTorch's separate multiplies round it). */
 
 static inline uint16_t f2bf_any(float f) { /* round to nearest even; NaN -> the quiet NaN PyTorch gives */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    const uint32_t r = u + 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : r) >> 16); /* a select: loops vectorise */
 }
 
 /* y (M, D) = w * cast(x * r), r = 1 / sqrt(mean(x^2) + eps) per row, in fp32: cast rounds to bf16 when x is bf16
  * (x_bf16), the product with w is rounded to bf16 when y is (y_bf16). x rows ldx elements apart, y contiguous. */
-__attribute__((optimize("fp-contract=off")))
 void dsv2_rms_norm(const void *x, int x_bf16, int64_t ldx, const void *w, int w_bf16, void *y, int y_bf16,
                    int64_t M, int64_t D, float eps, int nthreads) {
     const int nt = M * D >= (1 << 16) && nthreads > 1 ? nthreads : 1;
@@ -1810,20 +1841,60 @@ void dsv2_rope(const void *x, int bf16, int64_t sn, int64_t sh, const float *cs,
 }
 
 
+#if LAT_VEXP
+/* 8 fp32 lanes rounded to bf16 (nearest even; NaN -> 0x7FC0, as f2bf_any), still as fp32 */
+static inline __m256 lat_round_bf16(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u));
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan);
+}
+
+/* 8 fp32 lanes -> 8 bf16 (rounded as lat_round_bf16) */
+static inline __m128i lat_pack_bf16(__m256 v) {
+    const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(lat_round_bf16(v)), 16);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08));
+}
+#endif
+
 /* SwiGLU's gating out (M, N) = silu(g) * u, computed in fp32 as PyTorch's ops do: silu(g) = g / (1 + e^-g),
  * rounded to bf16 when the inputs are (bf16), then times u, rounded again; g and u rows ldg / ldu elements apart
  * (halves of one gate-up product), out contiguous. */
-__attribute__((optimize("fp-contract=off")))
 void dsv2_silu_mul(const void *g, const void *u, int bf16, int64_t ldg, int64_t ldu, void *out, int64_t M,
                    int64_t N, int nthreads) {
     const int nt = M > 1 && M * N >= (1 << 16) && nthreads > 1 ? nthreads : 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < M; i++) {
+        int64_t k = 0;
+#if LAT_VEXP
+        for (; k + 8 <= N; k += 8) {
+            __m256 a, b;
+            if (bf16) {
+                const __m128i ga = _mm_loadu_si128((const __m128i *)((const uint16_t *)g + i * ldg + k));
+                const __m128i ub = _mm_loadu_si128((const __m128i *)((const uint16_t *)u + i * ldu + k));
+                a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(ga), 16));
+                b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(ub), 16));
+            } else {
+                a = _mm256_loadu_ps((const float *)g + i * ldg + k);
+                b = _mm256_loadu_ps((const float *)u + i * ldu + k);
+            }
+            const __m256 e = lat_exp8(_mm256_sub_ps(_mm256_setzero_ps(), a));
+            __m256 sl = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+            sl = _mm256_blendv_ps(sl, a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q)); /* NaN in, NaN out */
+            if (bf16) {
+                sl = lat_round_bf16(sl);
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + i * N + k), lat_pack_bf16(_mm256_mul_ps(sl, b)));
+            } else {
+                _mm256_storeu_ps((float *)out + i * N + k, _mm256_mul_ps(sl, b));
+            }
+        }
+#endif
         if (bf16) {
             const uint16_t *gi = (const uint16_t *)g + i * ldg, *ui = (const uint16_t *)u + i * ldu;
             uint16_t *oi = (uint16_t *)out + i * N;
-#pragma omp simd
-            for (int64_t k = 0; k < N; k++) {
+            for (; k < N; k++) {
                 const float a = bf2f(gi[k]);
                 const float s = bf2f(f2bf_any(a / (1.f + lat_exp(-a))));
                 oi[k] = f2bf_any(s * bf2f(ui[k]));
@@ -1831,8 +1902,7 @@ void dsv2_silu_mul(const void *g, const void *u, int bf16, int64_t ldg, int64_t 
         } else {
             const float *gi = (const float *)g + i * ldg, *ui = (const float *)u + i * ldu;
             float *oi = (float *)out + i * N;
-#pragma omp simd
-            for (int64_t k = 0; k < N; k++) oi[k] = gi[k] / (1.f + lat_exp(-gi[k])) * ui[k];
+            for (; k < N; k++) oi[k] = gi[k] / (1.f + lat_exp(-gi[k])) * ui[k];
         }
     }
 }
