@@ -18,6 +18,7 @@ the formats (best of N calls; load from other jobs hits each format alike).
     python benchmarks/cpu.py                          # the issue's sizes
     python benchmarks/cpu.py --contention             # demo-size model: quiet vs beside a busy process
     python benchmarks/cpu.py --checkpoint DIR         # the weights of a saved checkpoint (hub layout) instead
+    python benchmarks/cpu.py --int8-activations       # + int8 / int4 with int8-rounded activations ("a8")
 
 With --checkpoint the bf16 model is `DeepseekV2.from_pretrained(DIR, weights="bf16")` and int8 / int4 are
 quantised while loading (`weights=`, `group_size=`); benchmarks/llamacpp.py runs this file's functions beside
@@ -172,18 +173,22 @@ def run_table(args: argparse.Namespace) -> None:
     max_tokens = max(max(contexts) + 64, max(prompts) + 64, max(parallel) * 64 + 64) + 64
     for fmt in args.formats:
         models[fmt] = build(fmt, args.group_size, args.checkpoint)
-        engines[fmt] = Engine(models[fmt], kv_cache_dtype="bf16", max_tokens=max_tokens, prefix_caching=False,
-                              max_batch=max(64, max(parallel)))
+        a8 = [False, True] if args.int8_activations and fmt != "bf16" else [False]
+        for act8 in a8:  # (two engines on one quantised model: each step sets the modules' switch its way)
+            engines[fmt + (" a8" if act8 else "")] = Engine(
+                models[fmt], kv_cache_dtype="bf16", max_tokens=max_tokens, prefix_caching=False,
+                max_batch=max(64, max(parallel)), int8_activations=act8)
         print(f"{fmt}: weights {weight_bytes(models[fmt], False) / 2**20:.0f} MiB "
               f"({weight_bytes(models[fmt]) / 2**20:.0f} MiB read per decode step); process peak RSS so far "
               f"{peak_rss_gib():.2f} GiB", flush=True)
+    models.update({name: models[name.split()[0]] for name in engines})  # "int4 a8" -> the int4 model
     cfg = models[args.formats[0]].config
     kv_bpt = engines[args.formats[0]].cache.bytes_per_token
     rows: list[tuple[str, str, str, Callable[[], float] | None, str]] = []  # work, format, ours, roofline, issue
-    head = f"{'workload':<34} {'fmt':<5} {'dsv2 now':>22} {'roofline':>9}   issue 13 (not measured here)"
+    head = f"{'workload':<34} {'fmt':<7} {'dsv2 now':>22} {'roofline':>9}   issue 13 (not measured here)"
 
     def line(work: str, fmt: str, ours: str, roof: Callable[[], float] | None, issue: str) -> str:
-        return f"{work:<34} {fmt:<5} {ours:>22} {format(roof(), '.0%') if roof else '':>9}   {issue}"
+        return f"{work:<34} {fmt:<7} {ours:>22} {format(roof(), '.0%') if roof else '':>9}   {issue}"
 
     def emit(work: str, fmt: str, ours: str, roof: Callable[[], float] | None, issue: str) -> None:
         rows.append((work, fmt, ours, roof, issue))
@@ -381,6 +386,9 @@ def main() -> None:
                     help="torch intra-op threads (default: dsv2.threads.pick_threads: torch's, capped at idle cores)")
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"], choices=("bf16", "int8", "int4"))
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="also int8 / int4 with activations rounded to int8 (\"int8 a8\", \"int4 a8\": "
+                         "EngineConfig.int8_activations, the rounding llama.cpp's Q8_0 / Q4_0 products use)")
     ap.add_argument("--contexts", type=int, nargs="+", default=None)
     ap.add_argument("--prompts", type=int, nargs="+", default=None)
     ap.add_argument("--parallel", type=int, nargs="+", default=None)
