@@ -357,13 +357,16 @@ def test_c_bf16_gemv_matches_float64(kernels: str) -> None:
 
 def test_c_gemm_matches_float64(kernels: str) -> None:
     """dsv2_gemm (bf16 weights, int8 codes times a per-row scale, int4 in dsv2's pack, all as stored): row
-    counts around its 6-row tiles, output columns around its 16-row weight panels, depths around its 512 /
-    256-column blocks (int8's scale applied once, after the last; int4 groups across block ends), fp32 and
-    bf16 activations, weight rows further apart than K, int4's 64-row blocks and shorter last blocks."""
+    counts around its 6-row tiles (a last 1-3 rows run two weight panels at a time: one, two, a lone panel, a
+    short second one), output columns around its 16-row weight panels, depths around its 512 / 256-column
+    blocks (int8's scale applied once, after the last; int4 groups across block ends), fp32 and bf16
+    activations, weight rows further apart than K, int4's 64-row blocks and shorter last blocks; a row's
+    result the same bits wherever it falls in x."""
     if kernels != "C":
         pytest.skip("C kernels only")
     lib = native.library()
-    for m, n, k in ((1, 1, 1), (5, 17, 7), (6, 16, 8), (7, 33, 512), (13, 300, 513), (40, 650, 1100)):
+    for m, n, k in ((1, 1, 1), (2, 16, 5), (5, 17, 7), (6, 16, 8), (7, 33, 512), (9, 50, 40), (13, 300, 513),
+                    (32, 40, 300), (40, 650, 1100)):
         base = _w(n, k + 3)
         for xdt in (torch.float32, torch.bfloat16):
             x = _x(m, k, xdt)
@@ -382,12 +385,17 @@ def test_c_gemm_matches_float64(kernels: str) -> None:
         for sdt in (torch.float32, torch.bfloat16):
             w4 = Int4Weight.quantize(_w(n, k), group, sdt)
             deq = w4.dequantize(torch.float64)
-            for m in (1, 7, 13):
+            for m in (1, 7, 9, 13, 32):
                 x = _x(m, k, torch.float32)
                 ref = x.double() @ deq.T
                 got = native.int4_gemm(lib, x, w4.packed, w4.scales_and_zeros, group)
                 assert got.shape == (m, w4.packed.shape[0])
                 assert (got[:, :n].double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (n, k, group, sdt, m)
+    # a row's sums run in one order wherever it falls in x (full 6-row tiles, or the last 1-3 rows' tiles)
+    x, w = _x(32, 600, torch.float32), _w(70, 600).bfloat16()
+    whole = native.gemm(lib, x, w)
+    for lo, hi in ((0, 30), (30, 32), (0, 9), (9, 10), (10, 13), (13, 32)):
+        assert torch.equal(native.gemm(lib, x[lo:hi], w), whole[lo:hi]), (lo, hi)
     with pytest.raises(TypeError, match="int8 codes with a scale"):
         native.gemm(lib, _x(2, 8, torch.float32), torch.zeros(3, 8, dtype=torch.int8))
     with pytest.raises(ValueError, match="8 columns, the weight 9"):

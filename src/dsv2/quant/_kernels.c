@@ -1178,6 +1178,25 @@ static void gm_pack_x(const void *x, int x_bf16, int64_t ldx, int64_t m, int64_t
     }
 }
 
+/* one row of a tile into y (nr <= 16 columns): [y +] (v0, v1), then times the per-column scale s where given */
+static inline __attribute__((always_inline)) void gm_put(float *yi, __m256 v0, __m256 v1, int accum, const float *s,
+                                                         int nr) {
+    if (nr == GM_NR) {
+        if (accum) v0 = _mm256_add_ps(v0, _mm256_loadu_ps(yi)), v1 = _mm256_add_ps(v1, _mm256_loadu_ps(yi + 8));
+        if (s) v0 = _mm256_mul_ps(v0, _mm256_loadu_ps(s)), v1 = _mm256_mul_ps(v1, _mm256_loadu_ps(s + 8));
+        _mm256_storeu_ps(yi, v0);
+        _mm256_storeu_ps(yi + 8, v1);
+    } else {
+        float t[16];
+        _mm256_storeu_ps(t, v0);
+        _mm256_storeu_ps(t + 8, v1);
+        for (int j = 0; j < nr; j++) {
+            const float r = accum ? yi[j] + t[j] : t[j];
+            yi[j] = s ? r * s[j] : r;
+        }
+    }
+}
+
 /* y tile (mr <= 6, nr <= 16) = [prev +] a (kc, 6) . b (kc, 16: bf16 pairs, or fp32 when f32); then times the
  * per-column scale s where given (the last K block) */
 static inline __attribute__((always_inline)) void gm_tile(const int f32, int64_t kc, const float *a, const void *b,
@@ -1208,25 +1227,53 @@ static inline __attribute__((always_inline)) void gm_tile(const int f32, int64_t
 #undef GM_ROW
     }
     const __m256 c[GM_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    float t[16], sc[16];
-    if (s)
-        for (int j = 0; j < 16; j++) sc[j] = j < nr ? s[j] : 0.f;
-    for (int i = 0; i < mr; i++) {
-        float *yi = y + i * ldy;
-        __m256 v0 = c[i][0], v1 = c[i][1];
-        if (nr == GM_NR) {
-            if (accum) v0 = _mm256_add_ps(v0, _mm256_loadu_ps(yi)), v1 = _mm256_add_ps(v1, _mm256_loadu_ps(yi + 8));
-            if (s) v0 = _mm256_mul_ps(v0, _mm256_loadu_ps(sc)), v1 = _mm256_mul_ps(v1, _mm256_loadu_ps(sc + 8));
-            _mm256_storeu_ps(yi, v0);
-            _mm256_storeu_ps(yi + 8, v1);
+    for (int i = 0; i < mr; i++) gm_put(y + i * ldy, c[i][0], c[i][1], accum, s, nr);
+}
+
+/* The last 1-3 rows of x's 6-row blocks (mr, a constant where inlined), against two weight panels at once (b,
+ * nr columns; b2, nr2 columns, 0: none): up to 3 x 32 columns in 12 accumulators. gm_tile on 1-3 rows would
+ * spend a whole tile's time (its 12 FMA chains run to the end whatever mr is; fewer chains would wait on the
+ * FMAs' latency): 32 rows of x cost what 36 did. Each sum runs over k in gm_tile's order: a row's result does
+ * not depend on where it falls in x. */
+static inline __attribute__((always_inline)) void gm_tile2(const int f32, const int mr, int64_t kc, const float *a,
+                                                           const void *b, const void *b2, float *y, int64_t ldy,
+                                                           int accum, const float *s, int nr, int nr2) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00;
+    __m256 c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00;
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 b0, b1, b2v, b3;
+        if (f32) {
+            b0 = _mm256_load_ps((const float *)b + k * 16);
+            b1 = _mm256_load_ps((const float *)b + k * 16 + 8);
+            b2v = _mm256_load_ps((const float *)b2 + k * 16);
+            b3 = _mm256_load_ps((const float *)b2 + k * 16 + 8);
         } else {
-            _mm256_storeu_ps(t, v0);
-            _mm256_storeu_ps(t + 8, v1);
-            for (int j = 0; j < nr; j++) {
-                const float r = accum ? yi[j] + t[j] : t[j];
-                yi[j] = s ? r * sc[j] : r;
-            }
+            const __m256i r0 = _mm256_load_si256((const __m256i *)((const uint16_t *)b + k * 16));
+            const __m256i r1 = _mm256_load_si256((const __m256i *)((const uint16_t *)b2 + k * 16));
+            b0 = _mm256_castsi256_ps(_mm256_slli_epi32(r0, 16));
+            b1 = _mm256_castsi256_ps(_mm256_and_si256(r0, hi));
+            b2v = _mm256_castsi256_ps(_mm256_slli_epi32(r1, 16));
+            b3 = _mm256_castsi256_ps(_mm256_and_si256(r1, hi));
         }
+        const float *ak = a + k * GM_MR;
+#define GM_ROW2(i)                                                                                                  \
+    do {                                                                                                            \
+        const __m256 av = _mm256_broadcast_ss(ak + i);                                                              \
+        c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0);                                                                 \
+        c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);                                                                 \
+        c##i##2 = _mm256_fmadd_ps(av, b2v, c##i##2);                                                                \
+        c##i##3 = _mm256_fmadd_ps(av, b3, c##i##3);                                                                 \
+    } while (0)
+        GM_ROW2(0);
+        if (mr > 1) GM_ROW2(1);
+        if (mr > 2) GM_ROW2(2);
+#undef GM_ROW2
+    }
+    const __m256 c[3][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}};
+    for (int i = 0; i < mr; i++) {
+        gm_put(y + i * ldy, c[i][0], c[i][1], accum, s, nr);
+        if (nr2) gm_put(y + i * ldy + GM_NR, c[i][2], c[i][3], accum, s ? s + GM_NR : NULL, nr2);
     }
 }
 #else
@@ -1305,18 +1352,34 @@ void dsv2_gemm(const void *x, int x_bf16, int64_t ldx, const void *w, int w_kind
                     for (int64_t i0 = 0; i0 < M; i0 += GM_MC) {
                         const int64_t mc = M - i0 < GM_MC ? M - i0 : GM_MC;
                         gm_pack_x((const char *)x + i0 * ldx * (x_bf16 ? 2 : 4), x_bf16, ldx, mc, k0, kc, xp);
+                        /* a last block of 1-3 rows goes two panels at a time (gm_tile2), the rest in 6 x 16 tiles */
+                        const int64_t rest = mc % GM_MR <= 3 ? mc % GM_MR : 0, mt = mc - rest;
                         for (int64_t j = j0; j < j1; j += GM_NR) {
                             const char *panel = wp + (j - j0) * kc * pesz;
                             const int nr = j1 - j < GM_NR ? (int)(j1 - j) : GM_NR;
                             const float *s = last && sf ? sf + j : NULL;
-                            for (int64_t i = 0; i < mc; i += GM_MR) {
-                                const int mr = mc - i < GM_MR ? (int)(mc - i) : GM_MR;
+                            for (int64_t i = 0; i < mt; i += GM_MR) {
+                                const int mr = mt - i < GM_MR ? (int)(mt - i) : GM_MR;
                                 float *yt = y + (i0 + i) * ldy + j;
                                 if (f32)
                                     gm_tile(1, kc, xp + i * kc, panel, yt, ldy, k0 > 0, NULL, mr, nr);
                                 else
                                     gm_tile(0, kc, xp + i * kc, panel, yt, ldy, k0 > 0, s, mr, nr);
                             }
+                        }
+                        for (int64_t j = j0; rest && j < j1; j += 2 * GM_NR) {
+                            const char *panel = wp + (j - j0) * kc * pesz;
+                            const int nr = j1 - j < GM_NR ? (int)(j1 - j) : GM_NR;
+                            const int nr2 = j1 - j <= GM_NR ? 0 : j1 - j - GM_NR < GM_NR ? (int)(j1 - j - GM_NR) : GM_NR;
+                            const char *panel2 = nr2 ? panel + GM_NR * kc * pesz : panel; /* none: the first again */
+                            const float *s = last && sf ? sf + j : NULL, *a = xp + mt * kc;
+                            float *yt = y + (i0 + mt) * ldy + j;
+#define GM_REST(F, MR) gm_tile2(F, MR, kc, a, panel, panel2, yt, ldy, k0 > 0, F ? NULL : s, nr, nr2)
+                            if (f32)
+                                rest == 1 ? GM_REST(1, 1) : rest == 2 ? GM_REST(1, 2) : GM_REST(1, 3);
+                            else
+                                rest == 1 ? GM_REST(0, 1) : rest == 2 ? GM_REST(0, 2) : GM_REST(0, 3);
+#undef GM_REST
                         }
                     }
                 }
