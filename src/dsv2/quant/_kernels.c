@@ -1203,6 +1203,9 @@ static inline __attribute__((always_inline)) void gm_tile(const int f32, int64_t
                                                           float *y, int64_t ldy, int accum, const float *s, int mr,
                                                           int nr) {
     /* twelve named accumulators: an indexed array is not always kept in registers */
+    /* y's rows (a line each): in DRAM or L3 for big outputs; fetched now, they are in L1 by the tile's end (+1-13%
+     * at 128-512 rows, one Zen 3 core 1.1-1.17x) */
+    for (int i = 0; i < mr; i++) _mm_prefetch((const char *)(y + i * ldy), _MM_HINT_T0);
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -1238,6 +1241,10 @@ static inline __attribute__((always_inline)) void gm_tile(const int f32, int64_t
 static inline __attribute__((always_inline)) void gm_tile2(const int f32, const int mr, int64_t kc, const float *a,
                                                            const void *b, const void *b2, float *y, int64_t ldy,
                                                            int accum, const float *s, int nr, int nr2) {
+    for (int i = 0; i < mr; i++) {
+        _mm_prefetch((const char *)(y + i * ldy), _MM_HINT_T0);
+        if (nr2) _mm_prefetch((const char *)(y + i * ldy + GM_NR), _MM_HINT_T0);
+    }
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00;
     __m256 c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00;
     const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -1622,6 +1629,10 @@ void dsv2_int4_gemm_q8(const void *x, int x_bf16, const uint8_t *packed, const u
                                 const int32_t *pa = (const int32_t *)(xp + (size_t)(i / GQ_MR) * psz);
                                 const float *pd = (const float *)(pa + kc / 4 * GQ_MR), *ps = pd + kc / 32 * GQ_MR;
                                 const int mr = mc - i < GQ_MR ? (int)(mc - i) : GQ_MR;
+                                /* the next tile's rows of y (in DRAM or L3 for big outputs), while this one runs */
+                                const int64_t ni = i + GQ_MR < mc ? i + GQ_MR : 0, nj = i + GQ_MR < mc ? j : j + 16;
+                                for (int64_t r = ni; nj < j1 && r < ni + GQ_MR && r < mc; r++)
+                                    _mm_prefetch((const char *)(y + (i0 + r) * Np + nj), _MM_HINT_T0);
                                 gq_tile(kc, g, pa, pd, ps, pw, psb, y + (i0 + i) * Np + j, Np, k0 > 0, mr, nr);
                             }
                         }
