@@ -1197,6 +1197,20 @@ static inline __attribute__((always_inline)) void gm_put(float *yi, __m256 v0, _
     }
 }
 
+/* column k of a weight panel as two fp32 vectors (panel rows 0-7, 8-15): fp32 panels as stored, bf16 pairs
+ * split by a shift (row i) and a mask (row i + 8) */
+static inline __attribute__((always_inline)) void gm_col(const int f32, const void *b, int64_t k, __m256 *b0,
+                                                         __m256 *b1) {
+    if (f32) {
+        *b0 = _mm256_load_ps((const float *)b + k * 16);
+        *b1 = _mm256_load_ps((const float *)b + k * 16 + 8);
+    } else {
+        const __m256i raw = _mm256_load_si256((const __m256i *)((const uint16_t *)b + k * 16));
+        *b0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+        *b1 = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
+}
+
 /* y tile (mr <= 6, nr <= 16) = [prev +] a (kc, 6) . b (kc, 16: bf16 pairs, or fp32 when f32); then times the
  * per-column scale s where given (the last K block) */
 static inline __attribute__((always_inline)) void gm_tile(const int f32, int64_t kc, const float *a, const void *b,
@@ -1208,17 +1222,9 @@ static inline __attribute__((always_inline)) void gm_tile(const int f32, int64_t
     for (int i = 0; i < mr; i++) _mm_prefetch((const char *)(y + i * ldy), _MM_HINT_T0);
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
     for (int64_t k = 0; k < kc; k++) {
         __m256 b0, b1;
-        if (f32) {
-            b0 = _mm256_load_ps((const float *)b + k * 16);
-            b1 = _mm256_load_ps((const float *)b + k * 16 + 8);
-        } else {
-            const __m256i raw = _mm256_load_si256((const __m256i *)((const uint16_t *)b + k * 16));
-            b0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)); /* panel rows 0..7 */
-            b1 = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));   /* rows 8..15 */
-        }
+        gm_col(f32, b, k, &b0, &b1);
         const float *ak = a + k * GM_MR;
 #define GM_ROW(i)                                                                                                   \
     do {                                                                                                            \
@@ -1247,22 +1253,10 @@ static inline __attribute__((always_inline)) void gm_tile2(const int f32, const 
     }
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00;
     __m256 c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00;
-    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
     for (int64_t k = 0; k < kc; k++) {
         __m256 b0, b1, b2v, b3;
-        if (f32) {
-            b0 = _mm256_load_ps((const float *)b + k * 16);
-            b1 = _mm256_load_ps((const float *)b + k * 16 + 8);
-            b2v = _mm256_load_ps((const float *)b2 + k * 16);
-            b3 = _mm256_load_ps((const float *)b2 + k * 16 + 8);
-        } else {
-            const __m256i r0 = _mm256_load_si256((const __m256i *)((const uint16_t *)b + k * 16));
-            const __m256i r1 = _mm256_load_si256((const __m256i *)((const uint16_t *)b2 + k * 16));
-            b0 = _mm256_castsi256_ps(_mm256_slli_epi32(r0, 16));
-            b1 = _mm256_castsi256_ps(_mm256_and_si256(r0, hi));
-            b2v = _mm256_castsi256_ps(_mm256_slli_epi32(r1, 16));
-            b3 = _mm256_castsi256_ps(_mm256_and_si256(r1, hi));
-        }
+        gm_col(f32, b, k, &b0, &b1);
+        gm_col(f32, b2, k, &b2v, &b3);
         const float *ak = a + k * GM_MR;
 #define GM_ROW2(i)                                                                                                  \
     do {                                                                                                            \
