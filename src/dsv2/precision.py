@@ -17,6 +17,7 @@ Shapes: N rows, D in features, O out features, E experts, I expert hidden size.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -264,27 +265,32 @@ class CpuExperts(Experts):
 
 
 def _one_call_library(x: torch.Tensor) -> ctypes.CDLL | None:
-    """dsv2's C library when x's elementwise work (RMSNorm, RoPE) may run there in one call: CPU inference, eager,
-    no autocast, fp32 / bf16."""
+    """dsv2's C library when x's elementwise work (RMSNorm, RoPE, SwiGLU's gating) may run there in one call: CPU
+    inference, eager, no autocast, fp32 / bf16."""
     if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
         return native.library()
     return None
 
 
+def _in_one_call(kernel: Callable[..., torch.Tensor | None], model_fn: Callable[..., torch.Tensor],
+                 x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    """model_fn(x, *args) as `kernel(lib, x, *args)` computes it in one C call where it can run there
+    (`_one_call_library`), else (or where the kernel returns None: shapes it does not take) the model's own."""
+    lib = _one_call_library(x)
+    y = kernel(lib, x, *args) if lib is not None else None
+    return y if y is not None else model_fn(x, *args)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope`, in one C call where it can run there (the same fp32 arithmetic and rounding)."""
-    lib = _one_call_library(x)
-    y = native.rope(lib, x, cos, sin) if lib is not None else None
-    return y if y is not None else apply_rope(x, cos, sin)
+    return _in_one_call(native.rope, apply_rope, x, cos, sin)
 
 
 def gating(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """`silu_mul` (SwiGLU's silu(g) · u), in one C call where it can run there: PyTorch's silu alone ran
     ~0.2-0.6 ms on a 32-token prompt's (32, 10,944) bf16 gate on 2 AVX2 cores."""
-    lib = _one_call_library(g)
-    y = native.silu_mul(lib, g, u) if lib is not None else None
-    return y if y is not None else silu_mul(g, u)
+    return _in_one_call(native.silu_mul, silu_mul, g, u)
 
 
 class CpuMLP(MLP):

@@ -45,6 +45,16 @@ static inline uint16_t f2bf(float f) { /* round to nearest even (weights are fin
     return (uint16_t)(u >> 16);
 }
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* 8 fp32 lanes rounded as f2bf (nearest even, finite inputs): the bf16 bits in each lane's high half */
+static inline __m256i f2bf8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    return _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                                _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+}
+#endif
+
 static inline float load(const void *p, int64_t i, int is_bf16) {
     return is_bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -120,10 +130,7 @@ static inline void store_w(void *out, int64_t i, vf w, int out_bf16) {
         _mm256_storeu_ps((float *)out + i, w);
         return;
     }
-    __m256i u = _mm256_castps_si256(w); /* round to nearest even, as f2bf */
-    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
-                                             _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-    u = _mm256_srli_epi32(u, 16);
+    __m256i u = _mm256_srli_epi32(f2bf8(w), 16);
     u = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08); /* 8 x u16 in the low 128 bits */
     _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_castsi256_si128(u));
 }
@@ -1845,11 +1852,10 @@ void dsv2_latent_decode_bf16(const float *q, int64_t H, int64_t W, int64_t C, co
  * batch 1, against ~2 us of work. Both compute in fp32 as the model's PyTorch code does, rounding where it
  * rounds (RoPE with fp contraction off: each product rounded as PyTorch's separate multiplies round it). */
 
-static inline uint16_t f2bf_any(float f) { /* round to nearest even; NaN -> the quiet NaN PyTorch gives */
+static inline uint16_t f2bf_any(float f) { /* f2bf; NaN -> the quiet NaN PyTorch gives */
     uint32_t u;
     memcpy(&u, &f, 4);
-    const uint32_t r = u + 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : r) >> 16); /* a select: loops vectorise */
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : f2bf(f); /* a select: loops vectorise */
 }
 
 /* y (M, D) = w * cast(x * r), r = 1 / sqrt(mean(x^2) + eps) per row, in fp32: cast rounds to bf16 when x is bf16
@@ -1912,10 +1918,7 @@ void dsv2_rope(const void *x, int bf16, int64_t sn, int64_t sh, const float *cs,
 #if LAT_VEXP
 /* 8 fp32 lanes rounded to bf16 (nearest even; NaN -> 0x7FC0, as f2bf_any), still as fp32 */
 static inline __m256 lat_round_bf16(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
-                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-    r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u));
+    const __m256i r = _mm256_and_si256(f2bf8(v), _mm256_set1_epi32((int)0xFFFF0000u));
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
     return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan);
 }
